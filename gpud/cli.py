@@ -1,0 +1,330 @@
+"""`gpud`: one command, many verbs. The daemon is `gpud run`; the rest talk to its API.
+
+`check` and `plan --file` work without a daemon. Output is for people by default and one JSON
+object with `--json`. Exit codes: 0 success, 1 refused or invalid, 2 usage or cannot connect.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import urllib.error
+import urllib.request
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from gpud import __version__
+from gpud.config import ConfigError, LoadedConfig, load_config, zone_of
+
+
+def _config_path(arg: str | None) -> Path | None:
+    if arg:
+        return Path(arg)
+    env = os.environ.get("GPUD_CONFIG")
+    return Path(env) if env else None
+
+
+def _load_or_exit(path: Path | None) -> LoadedConfig:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        for err in exc.errors:
+            print(err, file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    loaded = _load_or_exit(_config_path(args.file))
+    n = len(loaded.config.models)
+    files = ", ".join(str(s.path) for s in loaded.sources)
+    print(f"{files}: valid ({n} model{'s' * (n != 1)}, revision {loaded.revision})")
+    return 0
+
+
+def _parse_observed(text: str | None, desired: dict[str, Any]) -> dict[str, Any]:
+    from gpud.plan import ObservedModel
+
+    if not text:
+        return {}
+    raw = json.loads(Path(text[1:]).read_text() if text.startswith("@") else text)
+    out = {}
+    for key, value in raw.items():
+        if isinstance(value, str):
+            d = desired.get(key)
+            value = {"state": value, "spec_hash": d.spec_hash if d else None,
+                     "gpu": d.gpu if d else None}
+        out[key] = ObservedModel(
+            state=value.get("state", "unloaded"), spec_hash=value.get("spec_hash"),
+            gpu=value.get("gpu"), busy=bool(value.get("busy", False)),
+        )
+    return out
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    if args.file is None and not args.observed and not args.at:
+        data = _api("GET", "/api/v1/plan", args)
+        _print_plan(data, args.json)
+        return 0
+    from gpud.desired import Layers, effective
+    from gpud.plan import plan
+
+    loaded = _load_or_exit(_config_path(args.file))
+    cfg = loaded.config
+    zone = zone_of(cfg)
+    now = datetime.fromisoformat(args.at) if args.at else datetime.now(zone)
+    if now.tzinfo is None:
+        print("--at needs an offset, e.g. 2026-03-29T07:59:00+02:00", file=sys.stderr)
+        return 2
+    now = now.astimezone(zone)
+    profile, boundary = None, None
+    if cfg.schedule:
+        from gpud.schedule import Schedule, ScheduleEntry
+
+        sched = Schedule([ScheduleEntry(e.profile, e.when, e.prewake, e.priority)
+                          for e in cfg.schedule], zone)
+        profile = sched.active_profile(now)
+        boundary = sched.next_boundary(now)
+    desired = effective(cfg, Layers(profile=profile), now)
+    try:
+        observed = _parse_observed(args.observed, desired)
+    except (ValueError, OSError, AttributeError) as exc:
+        print(f"--observed: not a JSON object of MODEL: STATE ({exc})", file=sys.stderr)
+        return 2
+    result = plan(desired, observed)
+    data: dict[str, Any] = {
+        "profile": profile,
+        "desired": {k: d.state for k, d in desired.items()},
+        "reasons": {k: d.reason for k, d in desired.items()},
+        "actions": [a.to_json() for a in result.actions],
+    }
+    if cfg.schedule:
+        data["at"] = now.isoformat()
+        data["next_boundary"] = (
+            {"at": boundary.at.isoformat(), "profile": boundary.profile} if boundary else None
+        )
+    _print_plan(data, args.json)
+    return 0
+
+
+def _print_plan(data: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(data, indent=2))
+        return
+    if "at" in data:
+        print(f"at {data['at']}: profile {data['profile'] or '(none)'}")
+        nb = data.get("next_boundary")
+        if nb:
+            print(f"next switch: {nb['at']} -> profile {nb['profile'] or '(none)'}")
+    elif data.get("profile"):
+        print(f"profile {data['profile']}")
+    reasons = data.get("reasons", {})
+    for model, state in data.get("desired", {}).items():
+        why = reasons.get(model, "")
+        print(f"  {model:<20} {state:<9} {why}")
+    if not data["actions"]:
+        print("nothing to do")
+    for i, a in enumerate(data["actions"], 1):
+        print(f"{i:>3}. {a['action']:<8} {a['model']:<20} {a['reason']}")
+
+
+# --- talking to the daemon ---------------------------------------------------------------
+
+
+def _base_url(args: argparse.Namespace) -> str:
+    url = getattr(args, "url", None) or os.environ.get("GPUD_URL")
+    if url:
+        return url.rstrip("/")
+    try:
+        cfg = load_config(_config_path(getattr(args, "config", None))).config
+        host, port = cfg.daemon.host, cfg.daemon.port
+    except ConfigError:
+        host, port = "127.0.0.1", 8080
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{port}"
+
+
+def _admin_token() -> str | None:
+    path = os.environ.get("GPUD_ADMIN_TOKEN_FILE")
+    if path and Path(path).is_file():
+        return Path(path).read_text().strip()
+    return os.environ.get("GPUD_ADMIN_TOKEN")
+
+
+def _api(method: str, path: str, args: argparse.Namespace, body: Any = None,
+         timeout: float = 30.0) -> Any:
+    url = _base_url(args) + path
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method)
+    req.add_header("Content-Type", "application/json")
+    token = _admin_token()
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return json.loads(resp.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        try:
+            detail = json.loads(exc.read())
+            msg = detail.get("error", {}).get("message") if isinstance(detail, dict) else None
+        except ValueError:
+            msg = None
+        print(f"gpud: {msg or exc.reason} (HTTP {exc.code})", file=sys.stderr)
+        raise SystemExit(1) from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        print(f"gpud: cannot reach the daemon at {_base_url(args)}: {reason}\n"
+              "  is it running? (systemctl status gpud)", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    data = _api("GET", "/api/v1/status", args)
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    cfg = data["config"]
+    valid = "valid" if cfg["valid"] else f"INVALID: {cfg['error']}"
+    print(f"gpud {data['daemon']['version']} pid {data['daemon']['pid']} · "
+          f"profile {data.get('profile') or '(none)'} · config {cfg['revision']} {valid}")
+    rows = [("MODEL", "STATE", "DESIRED", "GPU", "MEMORY", "IN-FLIGHT", "REASON")]
+    for name, m in data["models"].items():
+        mem = m.get("memory_bytes")
+        rows.append((
+            name, m["state"], m["desired"], "-" if m["gpu"] is None else str(m["gpu"]),
+            "-" if not mem else f"{mem / 2**30:.1f}GiB",
+            f"{m.get('inflight', 0)}/{m.get('queued', 0)}", m["reason"],
+        ))
+    widths = [max(len(r[i]) for r in rows) for i in range(6)]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r[:6], widths, strict=False)) + "  " + r[6])
+    return 0
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    data = _api("POST", "/api/v1/reload", args, {"wait": args.wait}, timeout=120)
+    if data.get("valid"):
+        changed = "changed" if data.get("changed") else "unchanged"
+        print(f"config {data['revision']} active ({changed})")
+        return 0
+    print(f"gpud: reload refused, still running {data.get('revision')}:\n{data.get('error')}",
+          file=sys.stderr)
+    return 1
+
+
+def cmd_model_action(args: argparse.Namespace) -> int:
+    body: dict[str, Any] = {}
+    if args.for_:
+        body["for"] = args.for_
+    if getattr(args, "level", None):
+        body["level"] = args.level
+    data = _api("POST", f"/api/v1/models/{args.model}/{args.verb}", args, body)
+    print(data.get("message", "ok"))
+    return 0
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    if args.auto:
+        data = _api("DELETE", "/api/v1/profile", args)
+    elif args.name:
+        body: dict[str, Any] = {"profile": args.name}
+        if args.for_:
+            body["for"] = args.for_
+        data = _api("PUT", "/api/v1/profile", args, body)
+    else:
+        data = _api("GET", "/api/v1/profile", args)
+    if args.json:
+        print(json.dumps(data, indent=2))
+    else:
+        forced = data.get("forced")
+        line = f"profile {data.get('profile') or '(none)'}"
+        if forced:
+            line += f" (forced{' until ' + forced['until'] if forced.get('until') else ''})"
+        nb = data.get("next_boundary")
+        if nb:
+            line += f"; next switch {nb['at']} -> {nb['profile']}"
+        print(line)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from gpud.daemon import run_daemon
+
+    return run_daemon(_config_path(args.config), stop_engines_on_exit=args.stop_engines_on_exit)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from gpud.demo import run_demo
+
+    return run_demo(Path(args.dir) if args.dir else None, listen=args.listen)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gpud", description=__doc__.split("\n")[0])
+    p.add_argument("--version", action="version", version=f"gpud {__version__}")
+    p.add_argument("--url", help="the daemon's base URL (default: from the config's listen)")
+    p.add_argument("--config", help="config file (default /etc/gpud/gpud.toml or GPUD_CONFIG)")
+    sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    s = sub.add_parser("run", help="run the daemon in the foreground")
+    s.add_argument("--stop-engines-on-exit", action=argparse.BooleanOptionalAction, default=None,
+                   help="stop engines on a clean exit (default: yes interactively, no under systemd)")
+    s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("check", help="validate a config file (exit 0 valid, 1 invalid)")
+    s.add_argument("file", nargs="?")
+    s.set_defaults(func=cmd_check)
+
+    s = sub.add_parser("plan", help="what the daemon would do (dry run)")
+    s.add_argument("--file", help="plan from this file without a daemon")
+    s.add_argument("--observed", help="observed state as JSON (or @FILE): {MODEL: STATE, ...}")
+    s.add_argument("--at", help="evaluate the schedule at this ISO 8601 instant with offset")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_plan)
+
+    s = sub.add_parser("status", help="what the box is doing and why")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_status)
+
+    s = sub.add_parser("reload", help="reload the config file")
+    s.add_argument("--wait", action="store_true", help="return once the new config is active")
+    s.set_defaults(func=cmd_reload)
+
+    for verb in ("sleep", "wake", "load", "unload"):
+        s = sub.add_parser(verb, help=f"{verb} a model (a manual override)")
+        s.add_argument("model")
+        s.add_argument("--for", dest="for_", help="expire the override after this duration")
+        if verb == "sleep":
+            s.add_argument("--level", type=int, choices=(1, 2))
+        s.set_defaults(func=cmd_model_action, verb=verb)
+
+    s = sub.add_parser("profile", help="show or force the active profile")
+    s.add_argument("name", nargs="?")
+    s.add_argument("--for", dest="for_", help="expire the forced profile after this duration")
+    s.add_argument("--auto", action="store_true", help="return to the schedule")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_profile)
+
+    s = sub.add_parser("demo", help="run the daemon with two tiny real models")
+    s.add_argument("--dir", help="state directory for the demo (default .state/demo)")
+    s.add_argument("--listen", default="127.0.0.1:8080")
+    s.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

@@ -1,0 +1,246 @@
+"""The desired-state file's schema: pydantic v2 models, `extra="forbid"` everywhere.
+
+The schema in code is the truth; `etc/gpud/gpud.toml` documents every key. Pure: validation
+only, never reads files, never touches engines.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from gpud.config.units import Duration, Size
+
+ModelState = Literal["awake", "asleep", "unloaded"]
+MODEL_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class DaemonConfig(Strict):
+    """Settings of gpud itself; each may also come from a `GPUD_*` environment variable."""
+
+    listen: str = "127.0.0.1:8080"
+    state_dir: Path = Path("/var/lib/gpud")
+    runtime_dir: Path = Path("/run/gpud")
+    timezone: str | None = None
+    tick: Duration = timedelta(seconds=2)
+    port_range: str = "18000-18999"
+    admin_token_file: Path | None = None
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    stop_engines_on_exit: bool | None = None
+    gpu_headroom: Size = 1024**3
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"{value!r} is not HOST:PORT (e.g. \"127.0.0.1:8080\")")
+        host = host.strip("[]")
+        if host not in ("localhost", ""):
+            try:
+                ipaddress.ip_address(host)
+            except ValueError:
+                raise ValueError(f"{host!r} is not an IP address or \"localhost\"") from None
+        return value
+
+    @field_validator("port_range")
+    @classmethod
+    def _port_range(cls, value: str) -> str:
+        lo, sep, hi = value.partition("-")
+        if not (sep and lo.isdigit() and hi.isdigit() and 1024 <= int(lo) <= int(hi) < 65536):
+            raise ValueError(f"{value!r} is not a port range like \"18000-18999\" (1024-65535)")
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _timezone(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"{value!r} is not a known time zone (e.g. \"Europe/Paris\")") from None
+        return value
+
+    @property
+    def host(self) -> str:
+        return self.listen.rpartition(":")[0].strip("[]") or "127.0.0.1"
+
+    @property
+    def port(self) -> int:
+        return int(self.listen.rpartition(":")[2])
+
+    @property
+    def ports(self) -> tuple[int, int]:
+        lo, _, hi = self.port_range.partition("-")
+        return int(lo), int(hi)
+
+
+class EngineConfig(Strict):
+    """How to start one kind of engine; models name it with `engine = "NAME"`."""
+
+    kind: Literal["vllm"] = "vllm"
+    command: list[str] = Field(default_factory=lambda: ["vllm", "serve"], min_length=1)
+    startup_timeout: Duration = timedelta(minutes=15)
+    stop_timeout: Duration = timedelta(seconds=30)
+    sleep_mode: bool = True
+    env: dict[str, str] = Field(default_factory=dict)
+    health_interval: Duration = timedelta(seconds=1)
+    max_restarts: int = Field(default=5, ge=0)
+    restart_backoff: Duration = timedelta(seconds=2)
+    restart_backoff_max: Duration = timedelta(minutes=5)
+    warm_sleep: bool = True
+
+    @field_validator("command")
+    @classmethod
+    def _command(cls, value: list[str]) -> list[str]:
+        if any(not part for part in value):
+            raise ValueError("the command is an argv list of non-empty strings, never a shell string")
+        if len(value) == 1 and " " in value[0]:
+            raise ValueError(
+                f"{value[0]!r} looks like a shell string; write an argv list, "
+                'e.g. ["vllm", "serve"]'
+            )
+        return value
+
+
+class ModelConfig(Strict):
+    """One model: what to serve, where, and in which state by default."""
+
+    source: str = Field(min_length=1)
+    engine: str = "vllm"
+    gpu: int | None = Field(default=None, ge=0)
+    gpus: list[Annotated[int, Field(ge=0)]] | None = None
+    replicas: int = Field(default=1, ge=0, le=64)
+    state: ModelState = "awake"
+    sleep_level: Literal[1, 2] = 1
+    max_model_len: int | None = Field(default=None, gt=0)
+    kv_cache: Size | None = None
+    kv_min: Size | None = None
+    kv_max: Size | None = None
+    kv_pool: bool = False
+    gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1)
+    priority: int = 0
+    pinned: bool = False
+    idle_sleep_after: Duration | None = None
+    max_concurrency: int = Field(default=64, ge=1)
+    max_queue: int = Field(default=256, ge=0)
+    request_timeout: Duration = timedelta(minutes=5)
+    load_on_demand: bool = False
+    aliases: list[str] = Field(default_factory=list)
+    args: list[str] = Field(default_factory=list)
+    env: dict[str, str] = Field(default_factory=dict)
+    port: int | None = Field(default=None, ge=1024, lt=65536)
+    drain_timeout: Duration = timedelta(seconds=60)
+
+    @model_validator(mode="after")
+    def _kv(self) -> ModelConfig:
+        if self.kv_cache is not None and (self.kv_min is not None or self.kv_max is not None):
+            raise ValueError("give either kv_cache (a fixed budget) or kv_min/kv_max (the pool)")
+        if self.kv_min is not None and self.kv_max is not None and self.kv_min > self.kv_max:
+            raise ValueError("kv_min is larger than kv_max")
+        if self.gpu is not None and self.gpus is not None:
+            raise ValueError("give either gpu (one GPU) or gpus (a list, for replicas)")
+        return self
+
+    @property
+    def uses_pool(self) -> bool:
+        return self.kv_pool or self.kv_min is not None or self.kv_max is not None
+
+
+class ProfileEntry(Strict):
+    state: ModelState | None = None
+    replicas: int | None = Field(default=None, ge=0, le=64)
+
+
+class ScheduleConfig(Strict):
+    profile: str
+    when: str
+    prewake: Duration = timedelta(0)
+    priority: int = 0
+
+    @field_validator("when")
+    @classmethod
+    def _when(cls, value: str) -> str:
+        from gpud.schedule import parse_when
+
+        parse_when(value)
+        return value
+
+
+class PoliciesConfig(Strict):
+    dir: Path = Path("/etc/gpud/policies")
+    enabled: bool = True
+    timeout: Duration = timedelta(milliseconds=200)
+    interval: Duration = timedelta(seconds=5)
+
+
+class KeyConfig(Strict):
+    name: str = Field(min_length=1)
+    key_file: Path | None = None
+    key_hash: str | None = Field(default=None, pattern=r"^(sha256:)?[0-9a-f]{64}$")
+    models: list[str] | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> KeyConfig:
+        if (self.key_file is None) == (self.key_hash is None):
+            raise ValueError("give exactly one of key_file or key_hash (never a plain key)")
+        return self
+
+
+class AuthConfig(Strict):
+    keys: list[KeyConfig] = Field(default_factory=list)
+    admin_token_file: Path | None = None
+
+
+def _profile_entry(value: object) -> object:
+    if isinstance(value, str):
+        return {"state": value}
+    return value
+
+
+ProfileValue = ProfileEntry
+
+
+class GpudConfig(Strict):
+    """The whole desired-state file after drop-ins are merged."""
+
+    daemon: DaemonConfig = Field(default_factory=DaemonConfig)
+    engines: dict[str, EngineConfig] = Field(default_factory=lambda: {"vllm": EngineConfig()})
+    models: dict[Annotated[str, Field(pattern=MODEL_NAME)], ModelConfig] = Field(
+        default_factory=dict
+    )
+    profiles: dict[str, dict[str, ProfileValue]] = Field(default_factory=dict)
+    schedule: list[ScheduleConfig] = Field(default_factory=list)
+    policies: PoliciesConfig = Field(default_factory=PoliciesConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+
+    @field_validator("profiles", mode="before")
+    @classmethod
+    def _short_entries(cls, value: object) -> object:
+        if isinstance(value, dict):
+            return {
+                name: {m: _profile_entry(v) for m, v in entries.items()}
+                if isinstance(entries, dict)
+                else entries
+                for name, entries in value.items()
+            }
+        return value
+
+    @field_validator("engines", mode="before")
+    @classmethod
+    def _default_engine(cls, value: object) -> object:
+        # Declaring [engines.other] must not drop the built-in "vllm" engine.
+        if isinstance(value, dict) and "vllm" not in value:
+            return {"vllm": {}, **value}
+        return value

@@ -1,0 +1,333 @@
+"""`gpud run`: the daemon. Owns the event loop, the listener, the watcher and the reconciler.
+
+Everything it starts, it stops, in reverse order. It never lets an invalid file replace the
+running config: the last good one is kept in the state dir and used again at start-up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from gpud import __version__
+from gpud.config import EMBEDDED_DEFAULT, ConfigError, LoadedConfig, load_config
+from gpud.config.load import DEFAULT_PATH
+from gpud.events import EventBus
+from gpud.reconcile import Reconciler
+from gpud.systemd import Notifier, run_watchdog, status_line
+
+log = logging.getLogger("gpud.daemon")
+
+LAST_GOOD = "last-good"
+
+
+def _writable_dir(path: Path, fallback: Path) -> Path:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        if os.access(path, os.W_OK):
+            return path
+    except OSError:
+        pass
+    fallback.mkdir(parents=True, exist_ok=True)
+    return fallback
+
+
+class Daemon:
+    def __init__(self, loaded: LoadedConfig, config_path: Path | None, *,
+                 stop_engines_on_exit: bool | None = None,
+                 notifier: Notifier | None = None) -> None:
+        self.config_path = config_path
+        self.loaded = loaded
+        self.config_error: str | None = None
+        self.started_at = datetime.now(timezone.utc)
+        cfg = loaded.config
+        home = Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local/state"))
+        self.state_dir = _writable_dir(cfg.daemon.state_dir, home / "gpud")
+        runtime = Path(os.environ.get("XDG_RUNTIME_DIR", "/tmp")) / f"gpud-{os.getuid()}"
+        self.runtime_dir = _writable_dir(cfg.daemon.runtime_dir, runtime)
+        self.events = EventBus()
+        self.notifier = notifier or Notifier(unset_environment=True)
+        if stop_engines_on_exit is None:
+            stop_engines_on_exit = cfg.daemon.stop_engines_on_exit
+        if stop_engines_on_exit is None:
+            # Under systemd a restart must not cost minutes of model loading.
+            stop_engines_on_exit = not (self.notifier.enabled or os.environ.get("INVOCATION_ID"))
+        self.stop_engines_on_exit = stop_engines_on_exit
+        self.reconciler = Reconciler(loaded, self.events, state_dir=self.state_dir,
+                                     runtime_dir=self.runtime_dir)
+        self.reconciler.on_pass.append(self._update_status)
+        self.admin_token = self._read_admin_token()
+        self._reload_lock = asyncio.Lock()
+        self._stop = asyncio.Event()
+        self._status_line = ""
+        self.proxy: Any = None
+        self.runner: web.AppRunner | None = None
+
+    # --- config -------------------------------------------------------------------------
+
+    def _read_admin_token(self) -> str | None:
+        cfg = self.loaded.config
+        path = cfg.auth.admin_token_file or cfg.daemon.admin_token_file
+        if path is None:
+            return None
+        try:
+            return path.read_text().strip() or None
+        except OSError as exc:
+            log.error("cannot read the admin token file %s: %s", path, exc.strerror)
+            return None
+
+    def save_last_good(self) -> None:
+        dest = self.state_dir / LAST_GOOD
+        tmp = self.state_dir / (LAST_GOOD + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for i, src in enumerate(self.loaded.sources):
+            (tmp / f"{i:02d}-{src.path.name}").write_text(src.text)
+        (tmp / "SOURCE").write_text(str(self.loaded.path) + "\n")
+        shutil.rmtree(dest, ignore_errors=True)
+        tmp.rename(dest)
+
+    async def reload(self, source: str) -> dict[str, Any]:
+        """Validate, then swap. An invalid file changes nothing but the reported error."""
+        async with self._reload_lock:
+            self.notifier.reloading()
+            try:
+                try:
+                    new = await asyncio.to_thread(load_config, self.config_path)
+                except ConfigError as exc:
+                    self.config_error = str(exc)
+                    log.error("config reload (%s) refused; still running revision %s:\n%s",
+                              source, self.loaded.revision, exc)
+                    self.events.publish("config", valid=False, error=self.config_error,
+                                        revision=self.loaded.revision, source=source)
+                    return {"valid": False, "changed": False, "revision": self.loaded.revision,
+                            "error": self.config_error}
+                self.config_error = None
+                if new.revision == self.loaded.revision:
+                    return {"valid": True, "changed": False, "revision": new.revision,
+                            "error": None}
+                old = self.loaded.revision
+                self.loaded = new
+                self.reconciler.set_config(new)
+                self.admin_token = self._read_admin_token()
+                if self.proxy is not None:
+                    self.proxy.set_keys(self._keyring())
+                await asyncio.to_thread(self.save_last_good)
+                log.info("config reloaded (%s): revision %s -> %s", source, old, new.revision)
+                self.events.publish("config", valid=True, revision=new.revision, previous=old,
+                                    source=source)
+                return {"valid": True, "changed": True, "revision": new.revision, "error": None}
+            finally:
+                self._update_status()
+                self.notifier.ready()
+
+    def _keyring(self) -> Any:
+        from gpud.proxy.auth import KeyRing
+
+        return KeyRing.from_config(self.loaded.config.auth.keys)
+
+    # --- status -------------------------------------------------------------------------
+
+    def _update_status(self) -> None:
+        r = self.reconciler
+        models = r.instances
+        ready = sum(1 for i in models.values() if i.state in ("awake", "asleep"))
+        moving = {k: i.state for k, i in models.items()
+                  if i.state in ("starting", "waking", "sleeping", "stopping", "draining")}
+        profile, _ = r.active_profile(r.now())
+        line = status_line(profile, ready, len(models), moving, self.loaded.revision)
+        if self.config_error:
+            line += " · last reload refused"
+        if line != self._status_line:
+            self._status_line = line
+            self.notifier.status(line)
+
+    def config_status(self) -> dict[str, Any]:
+        return {"path": str(self.loaded.path), "revision": self.loaded.revision,
+                "valid": self.config_error is None, "error": self.config_error,
+                "embedded": self.loaded.embedded}
+
+    def profile_status(self) -> dict[str, Any]:
+        r = self.reconciler
+        now = r.now()
+        profile, why = r.active_profile(now)
+        forced = None
+        if r.forced_profile is not None:
+            name, until, reason = r.forced_profile
+            forced = {"profile": name, "until": until.isoformat() if until else None,
+                      "reason": reason}
+        nb = r.next_boundary(now) if r.forced_profile is None else None
+        return {"profile": profile, "source": why, "forced": forced,
+                "next_boundary": {"at": nb.at.isoformat(), "profile": nb.profile,
+                                  "prewake_seconds": nb.prewake.total_seconds()} if nb else None,
+                "profiles": list(r.config.profiles)}
+
+    def status(self) -> dict[str, Any]:
+        r = self.reconciler
+        prof = self.profile_status()
+        out: dict[str, Any] = {
+            "daemon": {"pid": os.getpid(), "version": __version__,
+                       "started_at": self.started_at.isoformat(timespec="seconds")},
+            "profile": prof["profile"],
+            "schedule": {"source": prof["source"], "forced": prof["forced"],
+                         "next_boundary": prof["next_boundary"]},
+            "config": self.config_status(),
+            "models": r.status_models(),
+        }
+        if self.proxy is not None:
+            for name, stats in self.proxy.stats().items():
+                for m in out["models"].values():
+                    if m["model"] == name:
+                        m["inflight"] = stats["inflight"]
+                        m["queued"] = stats["queued"]
+        return out
+
+    def plan_json(self) -> dict[str, Any]:
+        r = self.reconciler
+        now = r.now()
+        from gpud.plan import plan
+
+        desired = r.desired(now)
+        result = plan(desired, r.observed())
+        profile, _ = r.active_profile(now)
+        return {"profile": profile, "desired": {k: d.state for k, d in desired.items()},
+                "reasons": {k: d.reason for k, d in desired.items()},
+                "actions": [a.to_json() for a in result.actions],
+                "waiting": dict(result.waiting)}
+
+    def config_json(self) -> dict[str, Any]:
+        r = self.reconciler
+        desired = r.desired()
+        return {**self.config_status(),
+                "files": [str(s.path) for s in self.loaded.sources],
+                "effective": {k: d.to_json() for k, d in desired.items()},
+                "config": self.loaded.config.model_dump(mode="json")}
+
+    def log_file_tail(self, key: str, lines: int) -> list[str]:
+        path = self.state_dir / "logs" / f"{key}.log"
+        try:
+            with path.open("rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - 256 * 1024))
+                return f.read().decode(errors="replace").splitlines()[-lines:]
+        except OSError:
+            return []
+
+    # --- the loop -----------------------------------------------------------------------
+
+    async def _watch(self) -> None:
+        import watchfiles
+
+        if self.loaded.embedded or self.config_path is None and not DEFAULT_PATH.exists():
+            return
+        path = self.loaded.path.resolve()
+        dirs = [path.parent]
+        dropins = path.parent / (path.stem + ".d")
+        if dropins.is_dir():
+            dirs.append(dropins)
+        # Watch the directory, not the file: editors save by renaming a new file over it.
+        async for changes in watchfiles.awatch(*dirs, debounce=30, step=10,
+                                               stop_event=self._stop, recursive=False):
+            names = {Path(p).name for _, p in changes}
+            if any(n.endswith(".toml") for n in names):
+                await self.reload(source="file change")
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def serve(self) -> int:
+        loop = asyncio.get_running_loop()
+        cfg = self.loaded.config
+        app = web.Application(client_max_size=64 * 1024**2)
+        from gpud.proxy.app import Proxy
+        from gpud.web import api
+
+        self.proxy = Proxy(self.reconciler, keys=self._keyring())
+        self.proxy.install(app)
+        api.install(app, self, test_hooks=os.environ.get("GPUD_TEST_HOOKS") == "1")
+        with contextlib.suppress(ImportError):
+            from gpud.web import page
+
+            page.install(app, self)
+        self.runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, cfg.daemon.host, cfg.daemon.port, reuse_address=True)
+        try:
+            await site.start()
+        except OSError as exc:
+            log.error("cannot listen on %s: %s", cfg.daemon.listen, exc.strerror)
+            await self.runner.cleanup()
+            return 1
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        loop.add_signal_handler(
+            signal.SIGHUP, lambda: loop.create_task(self.reload(source="SIGHUP")))
+        adopted = await self.reconciler.adopt_engines()
+        if adopted:
+            log.info("adopted %d running engine(s): %s", len(adopted), ", ".join(adopted))
+        await asyncio.to_thread(self.save_last_good)
+        tasks = [
+            asyncio.create_task(self.reconciler.run(), name="reconcile"),
+            asyncio.create_task(self._watch(), name="watch"),
+            asyncio.create_task(run_watchdog(self.notifier, lambda: self.reconciler.last_pass),
+                                name="watchdog"),
+        ]
+        self.reconciler.pass_once()
+        self._update_status()
+        self.notifier.ready()
+        where = "embedded default" if self.loaded.embedded else str(self.loaded.path)
+        log.info("gpud %s ready on http://%s (config %s, revision %s)", __version__,
+                 cfg.daemon.listen, where, self.loaded.revision)
+        await self._stop.wait()
+        log.info("stopping%s", " (engines too)" if self.stop_engines_on_exit
+                 else " (engines keep running; a new gpud adopts them)")
+        self.notifier.stopping()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.runner.cleanup()
+        await self.reconciler.stop_all(self.stop_engines_on_exit)
+        return 0
+
+
+def load_initial(path: Path | None) -> LoadedConfig:
+    """The config to start with: the file, else (when invalid) the last good copy."""
+    try:
+        loaded = load_config(path)
+    except ConfigError as exc:
+        print(f"gpud: the config is invalid:\n{exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+    if loaded.embedded:
+        log.warning("no %s: running on the embedded default (%s); no models are configured",
+                    DEFAULT_PATH, EMBEDDED_DEFAULT)
+    return loaded
+
+
+def run_daemon(path: Path | None, *, stop_engines_on_exit: bool | None = None) -> int:
+    from gpud.logs import setup_logging
+
+    setup_logging(os.environ.get("GPUD_LOG_LEVEL", "info").upper())
+    loaded = load_initial(path)
+    logging.getLogger().setLevel(loaded.config.daemon.log_level.upper())
+
+    async def main() -> int:
+        daemon = Daemon(loaded, path, stop_engines_on_exit=stop_engines_on_exit)
+        return await daemon.serve()
+
+    t0 = time.monotonic()
+    code = asyncio.run(main())
+    log.info("stopped after %.0fs", time.monotonic() - t0)
+    return code

@@ -1,0 +1,211 @@
+"""The vLLM adapter: how to start a vLLM engine for a spec, and how to talk to it.
+
+`build_argv`/`build_env` turn an `EngineSpec` into the exact argv and environment of the
+engine process (always an argv list, never a shell string). `VllmClient` speaks the engine's
+HTTP API: health, the sleep/wake dev endpoints (served under VLLM_SERVER_DEV_MODE=1), the
+level-2 wake flow and `/metrics`. gpud trusts what the engine says (`/is_sleeping`,
+`vllm:engine_sleep_state`) over its memory of what it asked for.
+This module must never spawn or signal processes (that is `process.py`) and never import
+vLLM itself: the engine runs in its own virtualenv.
+"""
+
+from __future__ import annotations
+
+import json as jsonlib
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import aiohttp
+
+from gpud.engines.spec import EngineSpec
+
+# Inherited variables that belong to gpud's own service manager contract. An engine that
+# inherited NOTIFY_SOCKET could tell systemd "READY" or "STOPPING" for gpud; LISTEN_* would
+# hand it gpud's sockets; WATCHDOG_* would make it ping gpud's watchdog.
+_STRIP_EXACT = frozenset({"NOTIFY_SOCKET"})
+_STRIP_PREFIXES = ("WATCHDOG_", "LISTEN_")
+
+SLEEP_STATE_METRIC = "vllm:engine_sleep_state"
+# label value of vllm:engine_sleep_state -> sleep level (0 = awake)
+_SLEEP_LABELS = {"awake": 0, "weights_offloaded": 1, "discard_all": 2}
+
+
+def build_argv(spec: EngineSpec, port: int, host: str = "127.0.0.1") -> list[str]:
+    """The engine's argv: command, source, gpud's options, then the user's args."""
+    argv = [*spec.command, spec.source]
+    argv += ["--served-model-name", spec.name, "--host", host, "--port", str(port)]
+    if spec.max_model_len is not None:
+        argv += ["--max-model-len", str(spec.max_model_len)]
+    if spec.sleep_mode:
+        argv.append("--enable-sleep-mode")
+    if spec.kv_cache_bytes is not None:
+        argv += ["--kv-cache-memory-bytes", str(spec.kv_cache_bytes)]
+    if spec.gpu_memory_utilization is not None:
+        argv += ["--gpu-memory-utilization", repr(spec.gpu_memory_utilization)]
+    argv += spec.args
+    return argv
+
+
+def build_env(spec: EngineSpec, base_env: Mapping[str, str]) -> dict[str, str]:
+    """The engine's environment: gpud's own, minus its service-manager contract, plus the
+    spec's env, plus what gpud needs (which wins over both)."""
+    env = {
+        k: v
+        for k, v in base_env.items()
+        if k not in _STRIP_EXACT and not k.startswith(_STRIP_PREFIXES)
+    }
+    # Lines reach the log file as they are written, so a crash's cause is in the tail.
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    env.update(spec.env)
+    env["VLLM_SERVER_DEV_MODE"] = "1"
+    if spec.gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = str(spec.gpu)
+    return env
+
+
+def parse_sleep_state(metrics_text: str) -> int | None:
+    """The sleep level (0 awake, 1, 2) from `/metrics` text; None when the engine does not
+    export `vllm:engine_sleep_state` (older vLLM)."""
+    found: int | None = None
+    for line in metrics_text.splitlines():
+        if not line.startswith(SLEEP_STATE_METRIC + "{"):
+            continue
+        m = re.search(r'sleep_state="([^"]*)"\}\s+(\S+)', line)
+        if m is None:
+            continue
+        level = _SLEEP_LABELS.get(m.group(1))
+        if level is None:
+            continue
+        try:
+            value = float(m.group(2))
+        except ValueError:
+            continue
+        if value >= 1.0:
+            if level == 0:
+                return 0
+            found = level
+    return found
+
+
+class EngineAPIError(Exception):
+    """An engine answered a control call with an error, or not at all."""
+
+    def __init__(self, base_url: str, what: str, detail: str) -> None:
+        super().__init__(f"engine at {base_url}: {what} failed: {detail}")
+        self.base_url = base_url
+        self.what = what
+        self.detail = detail
+
+
+class VllmClient:
+    """The HTTP control API of one vLLM engine. The session is the caller's (one per
+    daemon, shared by all engines); the client never closes it."""
+
+    def __init__(
+        self,
+        base_url: str,
+        session: aiohttp.ClientSession,
+        *,
+        health_timeout: float = 2.0,
+        control_timeout: float = 300.0,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._session = session
+        self._health_timeout = aiohttp.ClientTimeout(total=health_timeout)
+        # Sleep and wake move whole models between host and device memory: seconds on a GPU.
+        self._control_timeout = aiohttp.ClientTimeout(total=control_timeout)
+
+    @classmethod
+    def for_port(
+        cls, port: int, session: aiohttp.ClientSession, host: str = "127.0.0.1"
+    ) -> VllmClient:
+        return cls(f"http://{host}:{port}", session)
+
+    async def _call(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        timeout: aiohttp.ClientTimeout | None = None,
+    ) -> str:
+        url = self.base_url + path
+        try:
+            async with self._session.request(
+                method, url, json=json, timeout=timeout or self._control_timeout
+            ) as resp:
+                body = await resp.text()
+                if resp.status >= 400:
+                    raise EngineAPIError(
+                        self.base_url, f"{method} {path}", f"HTTP {resp.status}: {body[:500]}"
+                    )
+                return body
+        except (TimeoutError, aiohttp.ClientError) as e:
+            raise EngineAPIError(
+                self.base_url, f"{method} {path}", f"{type(e).__name__}: {e}"
+            ) from e
+
+    async def _json(self, method: str, path: str, **kw: Any) -> Any:
+        body = await self._call(method, path, **kw)
+        try:
+            return jsonlib.loads(body) if body else None
+        except ValueError as e:
+            raise EngineAPIError(
+                self.base_url, f"{method} {path}", f"not JSON: {body[:200]!r}"
+            ) from e
+
+    async def health(self) -> bool:
+        """True when `GET /health` answers 200; False on any error, refusal or timeout."""
+        try:
+            async with self._session.get(
+                self.base_url + "/health", timeout=self._health_timeout
+            ) as resp:
+                await resp.read()
+                return resp.status == 200
+        except (TimeoutError, aiohttp.ClientError, OSError):
+            return False
+
+    async def sleep(self, level: int) -> None:
+        """`POST /sleep?level=1|2`: 1 offloads weights to host memory and drops the KV
+        cache; 2 drops both (waking then needs `reload_weights`)."""
+        if level not in (1, 2):
+            raise ValueError(f"sleep level must be 1 or 2, not {level!r}")
+        await self._call("POST", f"/sleep?level={level}")
+
+    async def wake_up(self) -> None:
+        """`POST /wake_up`: weights and KV cache back on the device."""
+        await self._call("POST", "/wake_up")
+
+    async def is_sleeping(self) -> bool:
+        data = await self._json("GET", "/is_sleeping", timeout=self._health_timeout)
+        if not isinstance(data, dict) or not isinstance(data.get("is_sleeping"), bool):
+            raise EngineAPIError(self.base_url, "GET /is_sleeping", f"unexpected {data!r}")
+        return bool(data["is_sleeping"])
+
+    async def reload_weights(self) -> None:
+        """Reload the weights from the model source after a level-2 sleep."""
+        await self._call("POST", "/collective_rpc", json={"method": "reload_weights"})
+
+    async def reset_prefix_cache(self) -> None:
+        await self._call("POST", "/reset_prefix_cache")
+
+    async def metrics_text(self) -> str:
+        return await self._call("GET", "/metrics", timeout=self._health_timeout)
+
+    async def sleep_state_from_metrics(self) -> int | None:
+        """The engine's own sleep level (0 awake, 1, 2), or None if it does not say."""
+        return parse_sleep_state(await self.metrics_text())
+
+    async def wake(self, level: int | None = None) -> int | None:
+        """Wake fully from any sleep. After a level-2 sleep the weights were discarded:
+        wake_up, reload_weights, then reset_prefix_cache (cached prefixes were computed
+        with weights that are gone). With `level=None` the engine's metrics say which
+        sleep it is in. Returns the level it woke from (None: unknown, treated as 1)."""
+        if level is None:
+            level = await self.sleep_state_from_metrics()
+        await self.wake_up()
+        if level == 2:
+            await self.reload_weights()
+            await self.reset_prefix_cache()
+        return level

@@ -1,0 +1,102 @@
+"""What the proxy needs from the daemon, and nothing more.
+
+The proxy never imports the reconciler, the engines or the config: the daemon
+hands it an object that satisfies `Backend` (and optionally `ProxyObserver`),
+so the proxy can be tested against an in-memory backend and a loopback
+upstream. This module must stay free of aiohttp and of any I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRoute:
+    """One model of the effective desired state, as the proxy routes it.
+
+    `state` is the model's current state in the operator's words (`awake`,
+    `asleep`, `unloaded`, `starting`, `failed`, ...); it is shown by
+    `GET /v1/models` and never interpreted by the proxy: whether a request
+    may wake or load the model is the backend's call in `ready_upstream`.
+    """
+
+    name: str
+    aliases: tuple[str, ...] = ()
+    max_concurrency: int = 32
+    max_queue: int = 256
+    request_timeout: float = 300.0  # seconds a request may wait for a wake or a slot
+    load_on_demand: bool = False
+    state: str = "awake"
+
+
+class ModelUnavailable(Exception):
+    """The backend cannot give an engine for this model (now or at all).
+
+    The proxy answers 503 with `Retry-After: retry_after` and `reason` as the
+    message, so say what the operator or the client should do.
+    """
+
+    def __init__(self, reason: str, *, retry_after: float = 5.0, code: str = "model_unavailable"):
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after = retry_after
+        self.code = code  # shown as `gpud_<code>` in the error JSON
+
+
+class Backend(Protocol):
+    """Implemented by the daemon (the reconciler's read side).
+
+    Every method is called on the event loop; the sync ones are on the
+    per-request hot path and must not block or allocate much.
+    """
+
+    def routes(self) -> Mapping[str, ModelRoute]:
+        """The models of the effective desired state, by name.
+
+        Read on every request (never cached by the proxy), so a reload takes
+        effect for requests already waiting. Return the same mapping object
+        until it changes: the proxy caches its alias index by identity.
+        """
+        ...
+
+    async def ready_upstream(self, model: str) -> str:
+        """Base URL (`http://127.0.0.1:18001`) of an engine that serves `model` now.
+
+        Returns at once when the model is awake. Otherwise wakes it (asleep) or
+        loads it (unloaded with `load_on_demand`), with one wake for many
+        concurrent callers (use `gpud.proxy.SingleFlight`), and returns once
+        the engine answers. Raises `ModelUnavailable` when that cannot happen.
+        The proxy cancels the call when the request's `request_timeout`
+        passes or its client goes away: the wake itself must carry on for the
+        other waiters (`SingleFlight` shields it).
+        """
+        ...
+
+    def request_started(self, model: str) -> None:
+        """A request for `model` arrived (it may still queue). Idle tracking."""
+        ...
+
+    def request_finished(self, model: str) -> None:
+        """A request counted by `request_started` is done, whatever its outcome."""
+        ...
+
+
+class ProxyObserver(Protocol):
+    """Optional metrics hook (Prometheus later). Called on the hot path: be cheap."""
+
+    def request_done(
+        self, model: str, endpoint: str, status: int, duration: float, ttft: float | None
+    ) -> None:
+        """One request finished.
+
+        `model` is the route's name ("" when no model was resolved: unknown
+        name, bad JSON, 401). `endpoint` is the path (`/v1/chat/completions`).
+        `duration` is seconds from arrival to the last byte written (or to the
+        error), queueing and waking included. `ttft` is seconds from arrival
+        to the first body chunk of a streamed (SSE) response written to the
+        client, None otherwise.
+        """
+        ...

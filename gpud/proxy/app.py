@@ -1,0 +1,413 @@
+"""The OpenAI-compatible endpoint: route by `model`, queue, wake, relay.
+
+Sits on the daemon's aiohttp listener (`Proxy.install(app)`) and forwards to
+the engine that `Backend.ready_upstream` names. It must never buffer a
+streamed body, re-encode a relayed one, log a key, or hold state that a
+reload could invalidate: routes are read from the backend on every request.
+
+Install on an `AppRunner(app, handler_cancellation=True)`: aiohttp only
+cancels a handler whose client went away when asked to, and that
+cancellation is what stops the engine's work for a departed client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Final
+
+from aiohttp import web
+from multidict import CIMultiDict
+
+from .api import Backend, ModelRoute, ModelUnavailable, ProxyObserver
+from .auth import ApiKey, KeyRing
+from .limits import ModelGate, QueueFull
+from .upstream import UpstreamClient, UpstreamError, UpstreamResponse
+
+INFERENCE_PATHS: Final = (
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+    "/v1/responses",
+    "/tokenize",
+    "/detokenize",
+)
+# Paths whose `model` field vLLM treats as optional: one model served, it is used.
+_MODEL_OPTIONAL: Final = frozenset({"/tokenize", "/detokenize"})
+# Headers worth relaying; everything hop-by-hop or gpud's own (Authorization) stays behind.
+_FORWARD_REQUEST_HEADERS: Final = ("Accept", "X-Request-Id", "Traceparent")
+_RELAY_RESPONSE_HEADERS: Final = (
+    ("content-type", "Content-Type"),
+    ("content-encoding", "Content-Encoding"),
+    ("x-request-id", "X-Request-Id"),
+)
+_SSE: Final = "text/event-stream"
+_QUEUE_FULL_RETRY_AFTER: Final = "1"
+_UPSTREAM_KEEPALIVE: Final = 3.0  # below uvicorn's 5 s, so we never reuse a socket it closes
+
+_Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def error_response(
+    status: int,
+    message: str,
+    code: str,
+    *,
+    type_: str = "invalid_request_error",
+    param: str | None = None,
+    retry_after: float | None = None,
+) -> web.Response:
+    """gpud's own error, in OpenAI's error JSON shape, with a `gpud_` code."""
+    body = {"error": {"message": message, "type": type_, "param": param, "code": f"gpud_{code}"}}
+    headers = None
+    if retry_after is not None:
+        headers = {"Retry-After": str(max(1, math.ceil(retry_after)))}
+    return web.json_response(body, status=status, headers=headers)
+
+
+class _Reject(Exception):
+    """Raised inside the handler to answer with an error response."""
+
+    def __init__(self, response: web.Response) -> None:
+        self.response = response
+
+
+class Proxy:
+    """The inference endpoint, backed by a `Backend`.
+
+    Lifecycle: `install(app)` adds the routes and opens/closes the pooled
+    upstream session with the app; or call `start()` and `close()` yourself.
+    """
+
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        keys: KeyRing | None = None,
+        observer: ProxyObserver | None = None,
+    ) -> None:
+        self.backend = backend
+        self.keys = keys if keys is not None else KeyRing()
+        self.observer = observer
+        self._gates: dict[str, ModelGate] = {}
+        self._client: UpstreamClient | None = None
+        self._alias_src: Mapping[str, ModelRoute] | None = None
+        self._aliases: dict[str, ModelRoute] = {}
+
+    # -- lifecycle -----------------------------------------------------------
+
+    def install(self, app: web.Application) -> None:
+        """Add the proxy's routes and lifecycle hooks to the daemon's application."""
+        for path in INFERENCE_PATHS:
+            app.router.add_post(path, self._make_handler(path))
+        app.router.add_get("/v1/models", self.handle_models)
+        app.on_startup.append(self._on_startup)
+        app.on_cleanup.append(self._on_cleanup)
+
+    def make_app(self) -> web.Application:
+        """A standalone application with only the proxy (tests, bench)."""
+        app = web.Application()
+        self.install(app)
+        return app
+
+    async def start(self) -> None:
+        if self._client is None:
+            self._client = UpstreamClient(keepalive=_UPSTREAM_KEEPALIVE)
+
+    async def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    async def _on_startup(self, app: web.Application) -> None:
+        await self.start()
+
+    async def _on_cleanup(self, app: web.Application) -> None:
+        await self.close()
+
+    def set_keys(self, keys: KeyRing) -> None:
+        """Replace the keys (config reload); requests already admitted go on."""
+        self.keys = keys
+
+    # -- observable state ----------------------------------------------------
+
+    def stats(self) -> dict[str, dict[str, Any]]:
+        """Per model: `inflight`, `queued`, `last_request` (time.time() or None)."""
+        return {
+            name: {"inflight": g.inflight, "queued": g.queued, "last_request": g.last_request}
+            for name, g in self._gates.items()
+        }
+
+    def busy(self, model: str) -> bool:
+        """True while `model` has requests in flight or queued (never idle-sleep it)."""
+        g = self._gates.get(model)
+        return g is not None and (g.inflight > 0 or g.queued > 0)
+
+    # -- routing -------------------------------------------------------------
+
+    def resolve(self, name: str) -> ModelRoute | None:
+        """The route for a model name or alias, read from the backend now."""
+        routes = self.backend.routes()
+        route = routes.get(name)
+        if route is not None:
+            return route
+        if routes is not self._alias_src:
+            self._aliases = {a: r for r in routes.values() for a in r.aliases}
+            self._alias_src = routes
+        return self._aliases.get(name)
+
+    def _unknown_model(self, name: str, key: ApiKey | None) -> _Reject:
+        known = sorted(n for n in self.backend.routes() if key is None or key.allows(n))
+        return _Reject(
+            error_response(
+                404,
+                f"The model {name!r} does not exist. Known models: {', '.join(known) or '(none)'}.",
+                "model_not_found",
+                param="model",
+            )
+        )
+
+    # -- handlers ------------------------------------------------------------
+
+    async def handle_models(self, request: web.Request) -> web.Response:
+        key = self._authenticate(request)
+        if isinstance(key, web.Response):
+            return key
+        data = [
+            {
+                "id": r.name,
+                "object": "model",
+                "created": 0,
+                "owned_by": "gpud",
+                "state": r.state,
+                "aliases": list(r.aliases),
+            }
+            for r in self.backend.routes().values()
+            if key is None or key.allows(r.name)
+        ]
+        return web.json_response({"object": "list", "data": data})
+
+    def _authenticate(self, request: web.Request) -> ApiKey | web.Response | None:
+        if not self.keys.enabled:
+            return None
+        key = self.keys.authenticate(request.headers.get("Authorization"))
+        if key is None:
+            return error_response(
+                401,
+                "Missing or invalid API key: send `Authorization: Bearer <key>`.",
+                "invalid_api_key",
+                type_="authentication_error",
+            )
+        return key
+
+    def _make_handler(self, path: str) -> _Handler:
+        async def handler(request: web.Request) -> web.StreamResponse:
+            return await self.forward(request, path)
+
+        return handler
+
+    async def forward(self, request: web.Request, path: str) -> web.StreamResponse:
+        """Route one inference request; the whole request's life is here."""
+        t0 = time.perf_counter()
+        observer = self.observer
+        model = ""
+        try:
+            key = self._authenticate(request)
+            if isinstance(key, web.Response):
+                raise _Reject(key)
+            body = await request.read()
+            route = self._route_for(body, path, key)
+            model = route.name
+            resp, ttft = await self._admit_and_forward(request, path, body, route, t0)
+        except _Reject as r:
+            resp, ttft = r.response, None
+        if observer is not None:
+            observer.request_done(model, path, resp.status, time.perf_counter() - t0, ttft)
+        return resp
+
+    def _route_for(self, body: bytes, path: str, key: ApiKey | None) -> ModelRoute:
+        try:
+            payload = json.loads(body)
+        except ValueError:
+            raise _Reject(
+                error_response(400, "The request body is not valid JSON.", "invalid_json")
+            ) from None
+        name = payload.get("model") if isinstance(payload, dict) else None
+        if name is None and path in _MODEL_OPTIONAL:
+            routes = self.backend.routes()
+            if len(routes) == 1:
+                return next(iter(routes.values()))
+        if not isinstance(name, str):
+            known = ", ".join(sorted(self.backend.routes()))
+            raise _Reject(
+                error_response(
+                    400,
+                    f"Name the model in the `model` field. Known models: {known or '(none)'}.",
+                    "model_required",
+                    param="model",
+                )
+            )
+        route = self.resolve(name)
+        if route is None or (key is not None and not key.allows(route.name)):
+            if route is not None and key is not None:
+                raise _Reject(
+                    error_response(
+                        403,
+                        f"The API key {key.name!r} may not use the model {route.name!r}.",
+                        "model_not_allowed",
+                        type_="permission_error",
+                        param="model",
+                    )
+                )
+            raise self._unknown_model(name, key)
+        return route
+
+    async def _admit_and_forward(
+        self, request: web.Request, path: str, body: bytes, route: ModelRoute, t0: float
+    ) -> tuple[web.StreamResponse, float | None]:
+        name = route.name
+        gate = self._gates.get(name)
+        if gate is None:
+            gate = self._gates[name] = ModelGate()
+        gate.last_request = time.time()
+        backend = self.backend
+        backend.request_started(name)
+        try:
+            if not gate.try_acquire(route.max_concurrency):
+                try:
+                    async with asyncio.timeout(route.request_timeout):
+                        await gate.acquire(route.max_concurrency, route.max_queue)
+                except QueueFull:
+                    return error_response(
+                        429,
+                        f"The model {name!r} has {route.max_queue} requests queued already; "
+                        "retry later.",
+                        "queue_full",
+                        type_="rate_limit_error",
+                        retry_after=float(_QUEUE_FULL_RETRY_AFTER),
+                    ), None
+                except TimeoutError:
+                    return self._timed_out(route, "a free slot"), None
+            try:
+                return await self._wake_and_send(request, path, body, route, t0)
+            finally:
+                gate.release()
+        finally:
+            backend.request_finished(name)
+
+    def _timed_out(self, route: ModelRoute, what: str) -> web.Response:
+        return error_response(
+            503,
+            f"The model {route.name!r} did not get {what} within its request_timeout "
+            f"({route.request_timeout:g} s); retry later.",
+            "request_timeout",
+            type_="service_unavailable",
+            retry_after=min(max(route.request_timeout / 4, 1.0), 30.0),
+        )
+
+    async def _wake_and_send(
+        self, request: web.Request, path: str, body: bytes, route: ModelRoute, t0: float
+    ) -> tuple[web.StreamResponse, float | None]:
+        try:
+            # The request's whole wait (queue and wake) counts against request_timeout.
+            remaining = route.request_timeout - (time.perf_counter() - t0)
+            async with asyncio.timeout(max(remaining, 0.0)):
+                base = await self.backend.ready_upstream(route.name)
+        except TimeoutError:
+            return self._timed_out(route, "a ready engine"), None
+        except ModelUnavailable as e:
+            return error_response(
+                503, e.reason, e.code, type_="service_unavailable", retry_after=e.retry_after
+            ), None
+        return await self._send(request, base, path, body, route, t0)
+
+    async def _send(
+        self, request: web.Request, base: str, path: str, body: bytes, route: ModelRoute, t0: float
+    ) -> tuple[web.StreamResponse, float | None]:
+        client = self._client
+        if client is None:
+            raise RuntimeError("Proxy.start() was not called (or install() on a running app)")
+        rh = request.headers
+        extra = b"Content-Type: " + rh.get("Content-Type", "application/json").encode() + b"\r\n"
+        for h in _FORWARD_REQUEST_HEADERS:
+            v = rh.get(h)
+            if v is not None:
+                extra += f"{h}: {v}\r\n".encode()
+        try:
+            upstream = await client.post(base, path, body, extra)
+        except (UpstreamError, OSError, TimeoutError) as e:
+            return error_response(
+                502,
+                f"The engine of {route.name!r} did not answer ({e}); gpud restarts it if it died.",
+                "upstream_unreachable",
+                type_="service_unavailable",
+            ), None
+        try:
+            uh = upstream.headers
+            out = CIMultiDict[str]()
+            for lower, name in _RELAY_RESPONSE_HEADERS:
+                v = uh.get(lower)
+                if v is not None:
+                    out[name] = v
+            if not uh.get("content-type", "").startswith(_SSE):
+                raw = await upstream.read()
+                return web.Response(body=raw, status=upstream.status, headers=out), None
+            return await self._stream(request, upstream, out, route, t0)
+        except UpstreamError as e:
+            return error_response(
+                502,
+                f"The engine of {route.name!r} broke off its answer ({e}).",
+                "upstream_broken",
+                type_="service_unavailable",
+            ), None
+        finally:
+            # Cancellation (client gone) or error: drop the engine socket, which makes
+            # the engine abort the request. No-op once the body was read to its end.
+            upstream.close()
+
+    async def _stream(
+        self,
+        request: web.Request,
+        upstream: UpstreamResponse,
+        headers: CIMultiDict[str],
+        route: ModelRoute,
+        t0: float,
+    ) -> tuple[web.StreamResponse, float | None]:
+        headers["Cache-Control"] = "no-cache"
+        headers["X-Accel-Buffering"] = "no"
+        resp = web.StreamResponse(status=upstream.status, headers=headers)
+        await resp.prepare(request)
+        ttft: float | None = None
+        try:
+            chunk = await upstream.readany()
+            if chunk:
+                await resp.write(chunk)
+                ttft = time.perf_counter() - t0
+            while chunk:
+                chunk = await upstream.readany()
+                if chunk:
+                    await resp.write(chunk)  # waits for the client to drain: backpressure
+        except UpstreamError as e:
+            # The engine broke off mid-stream: say so in-band (the SDKs raise on it).
+            err = {
+                "error": {
+                    "message": f"The engine of {route.name!r} broke off its answer "
+                    f"({type(e).__name__}).",
+                    "type": "service_unavailable",
+                    "param": None,
+                    "code": "gpud_upstream_broken",
+                }
+            }
+            try:
+                await resp.write(b"data: " + json.dumps(err).encode() + b"\n\n")
+            except ConnectionResetError:
+                return resp, ttft
+        except ConnectionResetError:
+            return resp, ttft  # the client left; _send drops the engine socket
+        with contextlib.suppress(ConnectionResetError):
+            await resp.write_eof()
+        return resp, ttft

@@ -1,0 +1,414 @@
+"""A lean HTTP/1.1 keep-alive client for gpud's own engines, nothing else.
+
+Why not aiohttp's ClientSession: on the proxy's hot path it cost about half
+of gpud's added latency (cookie, auth, redirect, tracing and URL machinery
+that a loopback hop to our own engine never uses); see
+bench/proxy_overhead.py. This client speaks exactly what vLLM's uvicorn
+answers (Content-Length or chunked bodies, keep-alive) over plain TCP, with
+a pool of idle connections per engine and read-side flow control.
+
+It must never follow redirects, speak TLS, or be pointed at anything but an
+engine that gpud started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from typing import Final
+
+_HIGH_WATER: Final = 256 * 1024  # pause reading the engine beyond this many unread bytes
+_LOW_WATER: Final = 64 * 1024
+_MAX_HEAD: Final = 64 * 1024
+
+
+class UpstreamError(ConnectionError):
+    """The engine closed the connection or answered something that is not HTTP/1.1."""
+
+
+class UpstreamDisconnected(UpstreamError):
+    """The connection closed before any byte of the answer arrived (safe to retry once)."""
+
+
+class _Conn(asyncio.Protocol):
+    """One connection to an engine; carries one request at a time."""
+
+    def __init__(self, pool: _HostPool) -> None:
+        self.pool = pool
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.idle_since = 0.0
+        self._buf = bytearray()
+        self._waiter: asyncio.Future[None] | None = None
+        self._paused = False
+        # Parser state of the current response.
+        self.response: UpstreamResponse | None = None
+        self._got_any = False
+        self._head_done = False
+        self._chunked = False
+        self._remaining = 0  # body bytes (Content-Length) or bytes of the current chunk
+        self._until_close = False
+        self._chunk_state = 0  # 0: size line next, 1: in data, 2: CRLF after data, 3: trailers
+        self._eof = False
+        self._ready = 0  # chunked: bytes of de-framed data at the start of _buf
+        self._error: BaseException | None = None
+
+    # -- asyncio.Protocol ------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.closed = True
+        self.pool.forget(self)
+        if self.response is not None and not self._eof:
+            if self._until_close and self._head_done:
+                self._eof = True
+            else:
+                self._error = exc
+        self._wake()
+
+    def data_received(self, data: bytes) -> None:
+        self._got_any = True
+        if self.response is None:
+            # Bytes outside any exchange: the engine broke protocol; drop the socket.
+            self.abort()
+            return
+        self._buf += data
+        if not self._head_done:
+            self._parse_head()
+        elif self._chunked:
+            self._parse_chunks()
+        if len(self._buf) > _HIGH_WATER and not self._paused and self.transport is not None:
+            self._paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    # -- parsing -------------------------------------------------------------------
+
+    def _parse_head(self) -> None:
+        buf = self._buf
+        end = buf.find(b"\r\n\r\n")
+        if end < 0:
+            if len(buf) > _MAX_HEAD:
+                self._fail(UpstreamError("engine's response head is too large"))
+            return
+        lines = bytes(buf[:end]).decode("latin-1").split("\r\n")
+        del buf[: end + 4]
+        status_line = lines[0].split(" ", 2)
+        resp = self.response
+        assert resp is not None
+        try:
+            resp.status = int(status_line[1])
+        except (IndexError, ValueError):
+            self._fail(UpstreamError(f"engine answered a bad status line: {lines[0][:80]!r}"))
+            return
+        headers = resp.headers
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        te = headers.get("transfer-encoding")
+        if te is not None and "chunked" in te.lower():
+            self._chunked = True
+            self._chunk_state = 0
+        elif "content-length" in headers:
+            try:
+                self._remaining = int(headers["content-length"])
+            except ValueError:
+                self._fail(UpstreamError("engine answered a bad Content-Length"))
+                return
+            if self._remaining == 0 or resp.status in (204, 304):
+                self._eof = True
+        elif resp.status in (204, 304) or 100 <= resp.status < 200:
+            self._eof = True
+        else:
+            self._until_close = True
+        if headers.get("connection", "").lower() == "close":
+            resp.keep_alive = False
+        self._head_done = True
+        if self._chunked:
+            self._parse_chunks()
+
+    def _parse_chunks(self) -> None:
+        """Strip chunk framing in place: `_buf` is [_ready bytes of data][unparsed]."""
+        buf = self._buf
+        pos = self._ready
+        while pos < len(buf):
+            state = self._chunk_state
+            if state == 1:
+                take = min(self._remaining, len(buf) - pos)
+                pos += take
+                self._remaining -= take
+                if self._remaining:
+                    break
+                self._chunk_state = 2
+            elif state == 2:
+                if len(buf) - pos < 2:
+                    break
+                del buf[pos : pos + 2]
+                self._chunk_state = 0
+            elif state == 0:
+                nl = buf.find(b"\r\n", pos)
+                if nl < 0:
+                    break
+                size_text = bytes(buf[pos:nl]).split(b";", 1)[0].strip()
+                try:
+                    size = int(size_text, 16)
+                except ValueError:
+                    self._fail(UpstreamError("engine sent a bad chunk size"))
+                    return
+                del buf[pos : nl + 2]
+                if size == 0:
+                    self._chunk_state = 3
+                else:
+                    self._remaining = size
+                    self._chunk_state = 1
+            else:  # trailers, ended by an empty line
+                nl = buf.find(b"\r\n", pos)
+                if nl < 0:
+                    break
+                del buf[pos : nl + 2]
+                if nl == pos:
+                    self._eof = True
+                    del buf[pos:]
+                    break
+        self._ready = pos
+
+    def _fail(self, exc: BaseException) -> None:
+        self._error = exc
+        self.abort()
+        self._wake()
+
+    def _wake(self) -> None:
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    # -- used by UpstreamResponse --------------------------------------------------
+
+    async def wait(self) -> None:
+        if self._error is not None:
+            if isinstance(self._error, UpstreamError):
+                raise self._error
+            raise UpstreamError(f"engine connection failed: {self._error}") from self._error
+        if self.closed:
+            raise UpstreamError("engine closed the connection")
+        self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
+    def take(self) -> bytes:
+        """The body bytes parsed so far (and marks the end for Content-Length bodies)."""
+        buf = self._buf
+        if self._chunked:
+            n = self._ready
+            if not n:
+                return b""
+            data = bytes(buf[:n])
+            del buf[:n]
+            self._ready = 0
+        elif self._until_close:
+            data = bytes(buf)
+            buf.clear()
+        else:
+            n = min(self._remaining, len(buf))
+            if not n:
+                return b""
+            data = bytes(buf[:n])
+            del buf[:n]
+            self._remaining -= n
+            if not self._remaining:
+                self._eof = True
+        if self._paused and len(buf) < _LOW_WATER and self.transport is not None:
+            self._paused = False
+            self.transport.resume_reading()
+        return data
+
+    def start(self, resp: UpstreamResponse) -> None:
+        self.response = resp
+        self._got_any = False
+        self._head_done = False
+        self._chunked = False
+        self._until_close = False
+        self._remaining = 0
+        self._ready = 0
+        self._eof = False
+        self._error = None
+
+    def finish(self) -> None:
+        """The exchange ended cleanly: back to the pool, or closed."""
+        resp = self.response
+        self.response = None
+        if resp is None or self.closed or self._buf or not resp.keep_alive or self._until_close:
+            self.abort()
+        else:
+            self.pool.put(self)
+
+    def abort(self) -> None:
+        self.closed = True
+        self.response = None
+        if self.transport is not None:
+            self.transport.abort()
+
+
+class UpstreamResponse:
+    """An engine's answer: status and headers (lowercase names) then the body."""
+
+    __slots__ = ("_conn", "headers", "keep_alive", "status")
+
+    def __init__(self, conn: _Conn) -> None:
+        self._conn: _Conn | None = conn
+        self.status = 0
+        self.headers: dict[str, str] = {}
+        self.keep_alive = True
+
+    async def _read_head(self) -> None:
+        conn = self._conn
+        assert conn is not None
+        while not conn._head_done:
+            try:
+                await conn.wait()
+            except UpstreamError:
+                if not conn._got_any:
+                    raise UpstreamDisconnected("engine closed the connection") from None
+                raise
+
+    @property
+    def done(self) -> bool:
+        return self._conn is None
+
+    async def readany(self) -> bytes:
+        """The next piece of the body as it arrives; b"" once the body is complete."""
+        conn = self._conn
+        if conn is None:
+            return b""
+        while True:
+            data = conn.take()
+            if data:
+                return data
+            if conn._eof:
+                self._conn = None
+                conn.finish()
+                return b""
+            await conn.wait()
+
+    async def read(self) -> bytes:
+        """The whole body."""
+        parts = []
+        while True:
+            data = await self.readany()
+            if not data:
+                break
+            parts.append(data)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def close(self) -> None:
+        """Give up on the rest of the body: the socket is closed, the engine aborts."""
+        conn = self._conn
+        if conn is not None:
+            self._conn = None
+            conn.abort()
+
+
+class _HostPool:
+    __slots__ = ("host", "idle", "port", "prefix")
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host = host
+        self.port = port
+        self.idle: collections.deque[_Conn] = collections.deque()
+        self.prefix = f"Host: {host}:{port}\r\n".encode()
+
+    def put(self, conn: _Conn) -> None:
+        conn.idle_since = asyncio.get_running_loop().time()
+        self.idle.append(conn)
+
+    def forget(self, conn: _Conn) -> None:
+        if conn in self.idle:
+            self.idle.remove(conn)
+
+
+class UpstreamClient:
+    """Pooled keep-alive connections to engines, keyed by base URL.
+
+    `keepalive` must stay below the engine's own idle timeout (uvicorn: 5 s),
+    so gpud never sends on a socket the engine is closing.
+    """
+
+    def __init__(self, keepalive: float = 3.0, connect_timeout: float = 10.0) -> None:
+        self.keepalive = keepalive
+        self.connect_timeout = connect_timeout
+        self._pools: dict[str, _HostPool] = {}
+
+    def _pool(self, base: str) -> _HostPool:
+        pool = self._pools.get(base)
+        if pool is None:
+            rest = base.removeprefix("http://").rstrip("/")
+            if "/" in rest or base.startswith("https://"):
+                raise ValueError(f"engine base URL must be http://host:port, not {base!r}")
+            host, _, port = rest.rpartition(":")
+            pool = self._pools[base] = _HostPool(host.strip("[]"), int(port))
+        return pool
+
+    async def _conn(self, pool: _HostPool) -> _Conn:
+        loop = asyncio.get_running_loop()
+        idle = pool.idle
+        now = loop.time()
+        while idle:
+            conn = idle.pop()  # most recently used first: warmest socket
+            if not conn.closed and now - conn.idle_since < self.keepalive:
+                return conn
+            conn.abort()
+        async with asyncio.timeout(self.connect_timeout):
+            _, proto = await loop.create_connection(lambda: _Conn(pool), pool.host, pool.port)
+        return proto
+
+    async def post(
+        self, base: str, path: str, body: bytes, headers: bytes = b""
+    ) -> UpstreamResponse:
+        """Send `POST path` with `body`; returns once the response head arrived.
+
+        `headers` are extra raw header lines, each ending in CRLF. Retries once
+        on a pooled connection that turned out closed before answering.
+        """
+        pool = self._pool(base)
+        head = b"".join(
+            (
+                b"POST ",
+                path.encode(),
+                b" HTTP/1.1\r\n",
+                pool.prefix,
+                headers,
+                b"Content-Length: ",
+                str(len(body)).encode(),
+                b"\r\n\r\n",
+            )
+        )
+        for attempt in (0, 1):
+            conn = await self._conn(pool)
+            resp = UpstreamResponse(conn)
+            conn.start(resp)
+            assert conn.transport is not None
+            conn.transport.write(head + body if len(body) < 65536 else head)
+            if len(body) >= 65536:
+                conn.transport.write(body)
+            try:
+                await resp._read_head()
+            except UpstreamDisconnected:
+                conn.abort()
+                if attempt:
+                    raise
+                continue
+            except BaseException:
+                conn.abort()
+                raise
+            return resp
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        for pool in self._pools.values():
+            while pool.idle:
+                pool.idle.pop().abort()
+        self._pools.clear()

@@ -1,0 +1,724 @@
+"""The reconcile loop: the one owner of observed state.
+
+Level-triggered: every config change, engine event, API action and tick leads to a pass that
+computes the effective desired state, plans with the pure planner and starts the actions.
+Actions run as tasks (one chain per engine instance; on one GPU one at a time where memory is
+measured); their outcome lands back here and the next pass sees it. Nothing else writes
+observed state: the proxy and the API read snapshots and send requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from gpud.config import LoadedConfig, zone_of
+from gpud.config.units import format_duration
+from gpud.desired import DesiredModel, Intent, Layers, Override, effective
+from gpud.engines.process import EngineProcess, allocate_port, classify_crash
+from gpud.engines.records import EngineRecord, adopt, read_records, remove_record, write_record
+from gpud.engines.spec import EngineSpec
+from gpud.engines.vllm import VllmClient, build_argv, build_env
+from gpud.events import EventBus
+from gpud.plan import Action, ObservedModel, Plan, plan
+from gpud.proxy.api import ModelRoute, ModelUnavailable
+from gpud.proxy.singleflight import SingleFlight
+from gpud.schedule import Boundary, Schedule, ScheduleEntry
+
+log = logging.getLogger("gpud.reconcile")
+
+TRANSITIONAL = {"load": "starting", "restart": "starting", "wake": "waking",
+                "sleep": "sleeping", "unload": "stopping"}
+
+
+@dataclass
+class Instance:
+    """One engine instance (a model, or one replica of it) as gpud observes it."""
+
+    key: str
+    model: str
+    replica: int = 0
+    state: str = "unloaded"
+    spec_hash: str | None = None
+    gpu: int | None = None
+    port: int | None = None
+    proc: EngineProcess | None = None
+    client: VllmClient | None = None
+    restarts: int = 0
+    failures: int = 0
+    retry_at: float = 0.0
+    reason: str = ""
+    last_error: str | None = None
+    state_since: float = field(default_factory=time.time)
+    started_at: float | None = None
+    slept_once: bool = False
+    sleep_level: int = 1
+    expect_exit: bool = False
+    awake: asyncio.Event = field(default_factory=asyncio.Event)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def set_state(self, state: str, reason: str | None = None) -> None:
+        if state != self.state:
+            self.state_since = time.time()
+        self.state = state
+        if reason is not None:
+            self.reason = reason
+        if state == "awake":
+            self.awake.set()
+        else:
+            self.awake.clear()
+        self.changed.set()
+        self.changed = asyncio.Event()
+
+    @property
+    def base_url(self) -> str | None:
+        return f"http://127.0.0.1:{self.port}" if self.port else None
+
+
+@dataclass
+class ModelTraffic:
+    inflight: int = 0
+    last_request: float = 0.0
+    requests: int = 0
+
+
+class Reconciler:
+    """Owns instances, overrides and the schedule's view; executes plans."""
+
+    def __init__(self, loaded: LoadedConfig, events: EventBus, *, state_dir: Path,
+                 runtime_dir: Path, clock: Callable[[], datetime] | None = None) -> None:
+        self.loaded = loaded
+        self.events = events
+        self.state_dir = state_dir
+        self.runtime_dir = runtime_dir
+        self.log_dir = state_dir / "logs"
+        self.instances: dict[str, Instance] = {}
+        self.overrides: dict[str, Override] = {}
+        self.forced_profile: tuple[str, datetime | None, str] | None = None
+        self.intents: dict[str, Intent] = {}
+        self.demand: dict[str, float] = {}
+        self.traffic: dict[str, ModelTraffic] = {}
+        self.last_pass: float = 0.0
+        self.pass_count = 0
+        self.last_plan: Plan = Plan()
+        self.stalled = False  # set by tests/admin to prove the watchdog watches the loop
+        self._clock = clock or (lambda: datetime.now(zone_of(self.loaded.config)))
+        self._trigger = asyncio.Event()
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._gpu_locks: dict[int, asyncio.Lock] = {}
+        self._session: aiohttp.ClientSession | None = None
+        self._wake_flight: SingleFlight[str, None] = SingleFlight()
+        self._routes: dict[str, ModelRoute] = {}
+        self._routes_key: object = None
+        self.schedule: Schedule | None = None
+        self.on_pass: list[Callable[[], None]] = []
+        self._apply_config(loaded)
+
+    # --- configuration ------------------------------------------------------------------
+
+    def _apply_config(self, loaded: LoadedConfig) -> None:
+        self.loaded = loaded
+        cfg = loaded.config
+        self.schedule = None
+        if cfg.schedule:
+            self.schedule = Schedule(
+                [ScheduleEntry(e.profile, e.when, e.prewake, e.priority) for e in cfg.schedule],
+                zone_of(cfg),
+            )
+        self._routes_key = None
+
+    def set_config(self, loaded: LoadedConfig) -> None:
+        self._apply_config(loaded)
+        self.trigger()
+
+    @property
+    def config(self) -> Any:
+        return self.loaded.config
+
+    def now(self) -> datetime:
+        return self._clock()
+
+    # --- the layers -----------------------------------------------------------------------
+
+    def active_profile(self, now: datetime) -> tuple[str | None, str]:
+        """The profile in force and why (forced by an operator, or the schedule)."""
+        if self.forced_profile is not None:
+            name, until, reason = self.forced_profile
+            if until is None or now < until:
+                return name, reason
+            self.forced_profile = None
+            self.events.publish("profile", profile=None, reason="forced profile expired")
+        if self.schedule is None:
+            return None, "no schedule"
+        return self.schedule.active_profile(now), "schedule"
+
+    def next_boundary(self, now: datetime) -> Boundary | None:
+        return self.schedule.next_boundary(now) if self.schedule else None
+
+    def layers(self, now: datetime) -> tuple[Layers, dict[str, str]]:
+        """The layers above the file, and notes for status (pre-wake, idle)."""
+        profile, _ = self.active_profile(now)
+        cfg = self.config
+        notes: dict[str, str] = {}
+        intents: dict[str, Intent] = {}
+        mono = time.monotonic()
+        base = effective(cfg, Layers(profile=profile), now)
+        # Idle sleep: a model awake by file or profile sleeps after idle_sleep_after.
+        for name, m in cfg.models.items():
+            t = self.traffic.get(name)
+            if m.idle_sleep_after is None or (t and t.inflight):
+                continue
+            last = max(t.last_request if t else 0.0, self._awake_since(name))
+            idle = mono - last if last else None
+            if idle is not None and idle >= m.idle_sleep_after.total_seconds():
+                d = base.get(name)
+                if d and d.state == "awake":
+                    intents[name] = Intent("asleep", f"idle for {format_duration(m.idle_sleep_after)}")
+        # Pre-wake: models the coming profile wants awake wake `prewake` before the boundary.
+        boundary = self.next_boundary(now) if self.forced_profile is None else None
+        if boundary and boundary.prewake and now >= boundary.at - boundary.prewake:
+            coming = effective(cfg, Layers(profile=boundary.profile), now)
+            at = boundary.at.strftime("%H:%M")
+            for key, d in coming.items():
+                cur = base.get(key)
+                if d.state == "awake" and cur and cur.state == "asleep":
+                    intents[d.model] = Intent(
+                        "awake", f"pre-waking for profile {boundary.profile} at {at}")
+                    notes[d.model] = intents[d.model].reason
+        intents.update(self.intents)
+        # Demand: a request woke the model; it stays awake until idle again.
+        for name, since in list(self.demand.items()):
+            m = cfg.models.get(name)
+            if m is None:
+                del self.demand[name]
+                continue
+            t = self.traffic.get(name)
+            ttl = (m.idle_sleep_after or timedelta(minutes=10)).total_seconds()
+            last = max(since, t.last_request if t else 0.0)
+            if (t and t.inflight) or mono - last < ttl:
+                intents[name] = Intent("awake", "woken by a request")
+            else:
+                del self.demand[name]
+        overrides = {k: v for k, v in self.overrides.items() if v.active(now)}
+        for k in set(self.overrides) - set(overrides):
+            del self.overrides[k]
+            self.events.publish("override", model=k, reason="override expired")
+        return Layers(profile=profile, intents=intents, overrides=overrides), notes
+
+    def _awake_since(self, model: str) -> float:
+        inst = self.instances.get(model)
+        if inst is None or inst.state != "awake":
+            return 0.0
+        return time.monotonic() - (time.time() - inst.state_since)
+
+    def desired(self, now: datetime | None = None) -> dict[str, DesiredModel]:
+        now = now or self.now()
+        layers, _ = self.layers(now)
+        return effective(self.config, layers, now)
+
+    # --- the loop -----------------------------------------------------------------------
+
+    def trigger(self) -> None:
+        self._trigger.set()
+
+    async def run(self) -> None:
+        tick = self.config.daemon.tick.total_seconds()
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._trigger.wait(), timeout=tick)
+            self._trigger.clear()
+            while self.stalled:  # a test hook: a stuck loop must stop the watchdog pings
+                time.sleep(0.05)
+            try:
+                await self.observe()
+                self.pass_once()
+            except Exception:
+                log.exception("reconcile pass failed; retrying on the next tick")
+
+    def observed(self) -> dict[str, ObservedModel]:
+        out = {}
+        for key, inst in self.instances.items():
+            t = self.traffic.get(inst.model)
+            out[key] = ObservedModel(inst.state, inst.spec_hash, inst.gpu,
+                                     busy=bool(t and t.inflight))
+        return out
+
+    def pass_once(self) -> Plan:
+        now = self.now()
+        desired = self.desired(now)
+        for key, d in desired.items():
+            self.instances.setdefault(key, Instance(key, d.model, d.replica))
+        result = plan(desired, self.observed())
+        self.last_plan = result
+        mono = time.monotonic()
+        chains: dict[str, list[Action]] = {}
+        for action in result.actions:
+            chains.setdefault(action.model, []).append(action)
+        for key, actions in chains.items():
+            inst = self.instances[key]
+            if key in self._tasks:
+                continue
+            if actions[0].action in ("load", "restart") and inst.retry_at > mono:
+                continue  # crash backoff; the tick brings us back
+            first = actions[0]
+            inst.set_state(TRANSITIONAL[first.action], first.reason)
+            task = asyncio.create_task(self._run_chain(inst, actions, desired.get(key)))
+            self._tasks[key] = task
+        for key, inst in self.instances.items():
+            d = desired.get(key)
+            if d is not None and key not in self._tasks and inst.state in ("awake", "asleep"):
+                if inst.state == d.state:
+                    inst.reason = d.reason
+        for key in [k for k, i in self.instances.items()
+                    if k not in desired and i.state == "unloaded" and k not in self._tasks]:
+            del self.instances[key]
+        self.last_pass = time.monotonic()
+        self.pass_count += 1
+        for hook in self.on_pass:
+            hook()
+        return result
+
+    async def _run_chain(self, inst: Instance, actions: list[Action],
+                         d: DesiredModel | None) -> None:
+        try:
+            for action in actions:
+                started = time.monotonic()
+                if action is not actions[0]:
+                    inst.set_state(TRANSITIONAL[action.action], action.reason)
+                ok = await self._execute(inst, action, d)
+                self.events.publish(
+                    "action", action=action.action, model=inst.key, reason=action.reason,
+                    ok=ok, duration=round(time.monotonic() - started, 3), error=inst.last_error,
+                )
+                if not ok:
+                    break
+        except Exception as exc:
+            log.exception("%s: %s failed", inst.key, actions[0].action)
+            inst.last_error = f"{type(exc).__name__}: {exc}"
+            inst.set_state("failed" if inst.proc is None else inst.state, inst.last_error)
+        finally:
+            self._tasks.pop(inst.key, None)
+            self.trigger()
+
+    def _gpu_lock(self, inst: Instance, d: DesiredModel | None) -> contextlib.AbstractAsyncContextManager[Any]:
+        # Loads on one GPU wait for each other while vLLM measures free memory to size its
+        # KV cache; a model with an explicit KV budget skips that profiling and may overlap.
+        if inst.gpu is None or d is None:
+            return contextlib.nullcontext()
+        m = self.config.models.get(inst.model)
+        if m is not None and (m.kv_cache is not None or m.kv_max is not None):
+            return contextlib.nullcontext()
+        return self._gpu_locks.setdefault(inst.gpu, asyncio.Lock())
+
+    async def _execute(self, inst: Instance, action: Action, d: DesiredModel | None) -> bool:
+        if action.action == "load":
+            if d is None:
+                return False
+            inst.gpu = d.gpu
+            async with self._gpu_lock(inst, d):
+                return await self._load(inst, d)
+        if action.action == "restart":
+            await self._unload(inst, "restarting: its spec changed")
+            if d is None:
+                return False
+            inst.gpu = d.gpu
+            async with self._gpu_lock(inst, d):
+                return await self._load(inst, d)
+        if action.action == "sleep":
+            return await self._sleep(inst, action.level or 1, action.reason)
+        if action.action == "wake":
+            return await self._wake(inst, action.reason)
+        if action.action == "unload":
+            await self._unload(inst, action.reason)
+            return True
+        raise ValueError(f"unknown action {action.action!r}")
+
+    # --- engine operations ----------------------------------------------------------------
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=5))
+        return self._session
+
+    def spec_for(self, d: DesiredModel) -> EngineSpec:
+        m = self.config.models[d.model]
+        engine = self.config.engines[m.engine]
+        kv = m.kv_cache if m.kv_cache is not None else m.kv_max
+        return EngineSpec(
+            model=d.model, command=tuple(engine.command), source=m.source,
+            served_model_name=d.model, gpu=d.gpu, max_model_len=m.max_model_len,
+            sleep_mode=engine.sleep_mode, kv_cache_bytes=kv,
+            gpu_memory_utilization=m.gpu_memory_utilization, args=tuple(m.args),
+            env=tuple({**engine.env, **m.env}.items()),
+        )
+
+    def _taken_ports(self) -> set[int]:
+        return {i.port for i in self.instances.values() if i.port}
+
+    async def _load(self, inst: Instance, d: DesiredModel) -> bool:
+        cfg = self.config
+        m = cfg.models[d.model]
+        engine = cfg.engines[m.engine]
+        spec = self.spec_for(d)
+        lo, hi = cfg.daemon.ports
+        port = m.port if (m.port and d.replica == 0) else allocate_port(lo, hi, self._taken_ports())
+        inst.port, inst.spec_hash, inst.gpu = port, d.spec_hash, d.gpu
+        inst.sleep_level = d.sleep_level
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        argv = build_argv(spec, port)
+        env = build_env(spec, dict(os.environ))
+        log.info("%s: starting engine on port %d: %s", inst.key, port, " ".join(argv))
+        started = time.monotonic()
+        proc = await EngineProcess.spawn(
+            name=inst.key, argv=argv, env=env, log_path=self.log_dir / f"{inst.key}.log",
+        )
+        inst.proc, inst.expect_exit = proc, False
+        inst.client = VllmClient(inst.base_url or "", self.session)
+        inst.started_at = time.time()
+        self._watch_exit(inst, proc)
+        write_record(self.runtime_dir, EngineRecord.for_process(
+            proc, model=inst.key, port=port, spec_hash=d.spec_hash))
+        healthy = await proc.wait_healthy(inst.client, engine.startup_timeout.total_seconds())
+        if not healthy:
+            if proc.returncode is None:
+                cause, detail = classify_crash(proc.log_tail(200))
+                inst.expect_exit = True
+                await proc.stop(engine.stop_timeout.total_seconds())
+                self._failed_start(inst, f"not healthy within "
+                                   f"{format_duration(engine.startup_timeout)} ({cause}: {detail})")
+            return False
+        duration = time.monotonic() - started
+        self.events.publish("loaded", model=inst.key, duration=round(duration, 2))
+        inst.failures = 0
+        inst.last_error = None
+        inst.set_state("awake", d.reason)
+        if engine.sleep_mode and engine.warm_sleep and not inst.slept_once and d.state == "awake":
+            # vLLM's first sleep allocates the pinned host buffer (seconds for an 8B model);
+            # pay it now, while nothing waits, so the first sleep a schedule needs is quick.
+            await self._warm_sleep(inst)
+        return True
+
+    async def _warm_sleep(self, inst: Instance) -> None:
+        client = inst.client
+        if client is None:
+            return
+        t = self.traffic.get(inst.model)
+        if t and t.inflight:
+            return
+        try:
+            inst.awake.clear()
+            await client.sleep(1)
+            await client.wake_up()
+            inst.slept_once = True
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            log.warning("%s: warm-up sleep/wake failed: %s", inst.key, exc)
+        finally:
+            if inst.state == "awake":
+                inst.awake.set()
+
+    def _failed_start(self, inst: Instance, why: str) -> None:
+        engine = self.config.engines[self.config.models[inst.model].engine] \
+            if inst.model in self.config.models else None
+        inst.failures += 1
+        inst.last_error = why
+        inst.proc = None
+        remove_record(self.runtime_dir, inst.key)
+        max_restarts = engine.max_restarts if engine else 0
+        if inst.failures > max_restarts:
+            inst.set_state("failed", f"failed: {why} (gave up after {inst.failures} tries)")
+            self.events.publish("failed", model=inst.key, reason=inst.reason)
+            return
+        base = engine.restart_backoff.total_seconds() if engine else 2.0
+        cap = engine.restart_backoff_max.total_seconds() if engine else 300.0
+        delay = min(cap, base * 2 ** (inst.failures - 1))
+        inst.retry_at = time.monotonic() + delay
+        inst.set_state("unloaded", f"{why}; retry {inst.failures}/{max_restarts} in {delay:.0f}s")
+        asyncio.get_running_loop().call_later(delay, self.trigger)
+
+    def _watch_exit(self, inst: Instance, proc: EngineProcess) -> None:
+        def exited(returncode: int | None) -> None:
+            if inst.proc is not proc:
+                return
+            if inst.expect_exit:
+                return
+            cause, detail = classify_crash(proc.log_tail(200))
+            inst.restarts += 1
+            log.warning("%s: engine pid %d exited (%s): %s: %s", inst.key, proc.pid,
+                        returncode, cause, detail)
+            self.events.publish("crashed", model=inst.key, pid=proc.pid, cause=cause,
+                                detail=detail)
+            task = self._tasks.get(inst.key)
+            asyncio.get_running_loop().create_task(self._reap_group(proc))
+            inst.port = None
+            self._failed_start(inst, f"{cause}: {detail}" if detail else cause)
+            if task is not None and task is not asyncio.current_task():
+                task.cancel()
+
+        proc.on_exit(exited)
+
+    async def _reap_group(self, proc: EngineProcess) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            await proc.stop(2.0)
+
+    async def _sleep(self, inst: Instance, level: int, reason: str) -> bool:
+        if inst.client is None:
+            return False
+        t0 = time.monotonic()
+        await inst.client.sleep(level)
+        inst.slept_once = True
+        inst.sleep_level = level
+        inst.set_state("asleep", reason)
+        self.events.publish("slept", model=inst.key, level=level,
+                            duration=round(time.monotonic() - t0, 3))
+        return True
+
+    async def _wake(self, inst: Instance, reason: str) -> bool:
+        if inst.client is None:
+            return False
+        t0 = time.monotonic()
+        await inst.client.wake(inst.sleep_level)
+        inst.set_state("awake", reason)
+        self.events.publish("woke", model=inst.key, level=inst.sleep_level,
+                            duration=round(time.monotonic() - t0, 3))
+        return True
+
+    async def _unload(self, inst: Instance, reason: str) -> None:
+        proc = inst.proc
+        if proc is not None:
+            inst.expect_exit = True
+            m = self.config.models.get(inst.model)
+            grace = self.config.engines[m.engine].stop_timeout.total_seconds() if m else 30.0
+            await proc.stop(grace)
+        remove_record(self.runtime_dir, inst.key)
+        inst.proc, inst.client, inst.port, inst.spec_hash = None, None, None, None
+        inst.failures, inst.slept_once = 0, False
+        inst.set_state("unloaded", reason)
+
+    # --- observation ----------------------------------------------------------------------
+
+    async def observe(self) -> None:
+        """Trust the engines' own answers over our memory of what we asked."""
+        checks = [i for i in self.instances.values()
+                  if i.state in ("awake", "asleep") and i.client and i.key not in self._tasks]
+        if not checks:
+            return
+
+        async def one(inst: Instance) -> None:
+            assert inst.client is not None
+            try:
+                sleeping = await asyncio.wait_for(inst.client.is_sleeping(), 2.0)
+            except (aiohttp.ClientError, TimeoutError, OSError):
+                return  # exit detection handles a dead engine; a slow one is not a verdict
+            if inst.key in self._tasks:
+                return
+            actual = "asleep" if sleeping else "awake"
+            if actual != inst.state:
+                log.warning("%s: engine says %s, gpud thought %s", inst.key, actual, inst.state)
+                inst.set_state(actual, f"engine reports {actual}")
+
+        await asyncio.gather(*(one(i) for i in checks))
+
+    async def adopt_engines(self) -> list[str]:
+        """After a gpud restart: take back engines that are still alive; clean stale records."""
+        adopted = []
+        for record in read_records(self.runtime_dir):
+            proc = adopt(record, self.runtime_dir)
+            if proc is None:
+                continue
+            key = record.model
+            model = key.split("#", 1)[0]
+            replica = int(key.split("#", 1)[1]) if "#" in key else 0
+            inst = self.instances.setdefault(key, Instance(key, model, replica))
+            inst.proc, inst.port, inst.spec_hash = proc, record.port, record.spec_hash
+            inst.client = VllmClient(inst.base_url or "", self.session)
+            inst.started_at = record.started_at
+            inst.slept_once = True
+            d = self.desired().get(key)
+            inst.gpu = d.gpu if d else None
+            self._watch_exit(inst, proc)
+            try:
+                sleeping = await asyncio.wait_for(inst.client.is_sleeping(), 5.0)
+                inst.set_state("asleep" if sleeping else "awake", "adopted after a gpud restart")
+            except (aiohttp.ClientError, TimeoutError, OSError):
+                inst.set_state("starting", "adopted; waiting for its health check")
+                self._tasks[key] = asyncio.create_task(self._finish_adopt(inst))
+            adopted.append(key)
+            self.events.publish("adopted", model=key, pid=proc.pid, port=record.port)
+            log.info("%s: adopted engine pid %d on port %d", key, proc.pid, record.port)
+        return adopted
+
+    async def _finish_adopt(self, inst: Instance) -> None:
+        try:
+            assert inst.proc is not None and inst.client is not None
+            ok = await inst.proc.wait_healthy(inst.client, 900)
+            if ok:
+                sleeping = await inst.client.is_sleeping()
+                inst.set_state("asleep" if sleeping else "awake", "adopted after a gpud restart")
+        finally:
+            self._tasks.pop(inst.key, None)
+            self.trigger()
+
+    async def stop_all(self, stop_engines: bool) -> None:
+        for task in list(self._tasks.values()):
+            task.cancel()
+        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+        if stop_engines:
+            await asyncio.gather(*(self._unload(i, "gpud stopped")
+                                   for i in self.instances.values() if i.proc))
+        else:
+            for inst in self.instances.values():
+                if inst.proc is not None:
+                    inst.proc.detach()
+        if self._session is not None:
+            await self._session.close()
+
+    # --- manual actions -------------------------------------------------------------------
+
+    def set_override(self, model: str, state: str, until: datetime | None, reason: str) -> None:
+        self.overrides[model] = Override(state=state, reason=reason, until=until)
+        if state == "awake":
+            self.demand.pop(model, None)
+        for inst in self.instances.values():
+            if inst.model == model and inst.state == "failed" and state != "unloaded":
+                inst.set_state("unloaded", "manual retry")
+                inst.failures = 0
+                inst.spec_hash = None
+        self.events.publish("override", model=model, state=state, reason=reason,
+                            until=until.isoformat() if until else None)
+        self.trigger()
+
+    # --- the proxy's backend ----------------------------------------------------------------
+
+    def routes(self) -> Mapping[str, ModelRoute]:
+        key = (self.loaded.revision, tuple((k, i.state) for k, i in self.instances.items()))
+        if key != self._routes_key:
+            self._routes = {
+                name: ModelRoute(
+                    name=name, aliases=tuple(m.aliases), max_concurrency=m.max_concurrency,
+                    max_queue=m.max_queue, request_timeout=m.request_timeout.total_seconds(),
+                    load_on_demand=m.load_on_demand,
+                    state=self.instances[name].state if name in self.instances else "unloaded",
+                )
+                for name, m in self.config.models.items()
+            }
+            self._routes_key = key
+        return self._routes
+
+    def _serving(self, model: str) -> list[Instance]:
+        return [i for i in self.instances.values()
+                if i.model == model and i.state == "awake" and i.port]
+
+    async def ready_upstream(self, model: str) -> str:
+        ready = self._serving(model)
+        if ready:
+            return self._pick(model, ready)
+        await self._wake_flight.run(model, lambda: self._bring_up(model))
+        ready = self._serving(model)
+        if not ready:
+            raise ModelUnavailable(f"model {model!r} is not ready", retry_after=5)
+        return self._pick(model, ready)
+
+    def _pick(self, model: str, ready: list[Instance]) -> str:
+        # Least outstanding requests across replicas; ties go to the lowest replica.
+        best = min(ready, key=lambda i: (self._outstanding.get(i.key, 0), i.replica))
+        return best.base_url or ""
+
+    @property
+    def _outstanding(self) -> dict[str, int]:
+        return {}
+
+    async def _bring_up(self, model: str) -> None:
+        m = self.config.models.get(model)
+        if m is None:
+            raise ModelUnavailable(f"model {model!r} is not configured", code="model_not_found")
+        insts = [i for i in self.instances.values() if i.model == model]
+        if any(i.state == "failed" for i in insts) and not any(
+                i.state in ("awake", "asleep", "starting", "waking") for i in insts):
+            reason = next(i.reason for i in insts if i.state == "failed")
+            raise ModelUnavailable(f"model {model!r} has failed: {reason}", retry_after=30)
+        loaded = any(i.state not in ("unloaded", "failed") for i in insts)
+        if not loaded and not m.load_on_demand:
+            raise ModelUnavailable(
+                f"model {model!r} is unloaded and does not allow load_on_demand", retry_after=60,
+                code="model_unloaded")
+        ov = self.overrides.get(model)
+        if ov is not None and ov.state in ("asleep", "unloaded") and ov.active(self.now()):
+            raise ModelUnavailable(f"model {model!r} is held {ov.state} by an operator "
+                                   f"({ov.reason})", retry_after=60, code="model_held")
+        self.demand[model] = time.monotonic()
+        self.events.publish("demand", model=model, reason="woken by a request")
+        self.trigger()
+        while not self._serving(model):
+            insts = [i for i in self.instances.values() if i.model == model]
+            waiters = [i.changed.wait() for i in insts] or [asyncio.sleep(0.05)]
+            done, pending = await asyncio.wait(
+                [asyncio.ensure_future(w) for w in waiters], timeout=1.0,
+                return_when=asyncio.FIRST_COMPLETED)
+            for p in pending:
+                p.cancel()
+            failed = [i for i in insts if i.state == "failed"]
+            if failed and not self._serving(model):
+                raise ModelUnavailable(f"model {model!r} failed: {failed[0].reason}",
+                                       retry_after=30)
+
+    def request_started(self, model: str) -> None:
+        t = self.traffic.setdefault(model, ModelTraffic())
+        t.inflight += 1
+        t.requests += 1
+        t.last_request = time.monotonic()
+
+    def request_finished(self, model: str) -> None:
+        t = self.traffic.setdefault(model, ModelTraffic())
+        t.inflight = max(0, t.inflight - 1)
+        t.last_request = time.monotonic()
+
+    # --- status ---------------------------------------------------------------------------
+
+    def model_status(self, key: str, desired: Mapping[str, DesiredModel],
+                     notes: Mapping[str, str]) -> dict[str, Any]:
+        inst = self.instances.get(key) or Instance(key, key.split("#")[0])
+        d = desired.get(key)
+        t = self.traffic.get(inst.model, ModelTraffic())
+        reason = inst.reason or (d.reason if d else "")
+        if inst.key in notes and inst.state != "awake":
+            reason = notes[inst.key]
+        elif d is not None and inst.state in ("awake", "asleep") and inst.state == d.state:
+            reason = d.reason
+        return {
+            "state": inst.state,
+            "desired": d.state if d else "unloaded",
+            "reason": reason,
+            "pid": inst.proc.pid if inst.proc else None,
+            "port": inst.port,
+            "gpu": inst.gpu if inst.gpu is not None else (d.gpu if d else None),
+            "restarts": inst.restarts,
+            "model": inst.model,
+            "replica": inst.replica,
+            "layer": d.layer if d else None,
+            "inflight": t.inflight,
+            "idle_seconds": round(time.monotonic() - t.last_request, 1) if t.last_request else None,
+            "last_error": inst.last_error,
+            "state_since": datetime.fromtimestamp(inst.state_since).isoformat(timespec="seconds"),
+            "uptime_seconds": round(time.time() - inst.started_at, 1) if inst.started_at
+            and inst.proc else None,
+            "spec_hash": inst.spec_hash,
+        }
+
+    def status_models(self) -> dict[str, dict[str, Any]]:
+        now = self.now()
+        layers, notes = self.layers(now)
+        desired = effective(self.config, layers, now)
+        keys = sorted(set(desired) | set(self.instances))
+        return {k: self.model_status(k, desired, notes) for k in keys}

@@ -1,0 +1,245 @@
+"""The JSON API under /api/v1 and /healthz.
+
+Reads are snapshots of the reconciler's state; writes are messages to it (overrides, reloads),
+never direct changes to engines. Writes need the admin credential: a loopback peer, or the
+admin token. Bad input gets a 4xx in OpenAI's error shape, never a 500.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import json
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from gpud.config.units import parse_duration
+
+if TYPE_CHECKING:
+    from gpud.daemon import Daemon
+
+DAEMON_KEY: web.AppKey[Daemon] = web.AppKey("daemon")
+VERBS = {"sleep": "asleep", "wake": "awake", "load": "awake", "unload": "unloaded"}
+
+
+def error(status: int, message: str, code: str = "bad_request") -> web.Response:
+    body = {"error": {"message": message, "type": "invalid_request_error",
+                      "code": f"gpud_{code}"}}
+    return web.json_response(body, status=status)
+
+
+def _daemon(request: web.Request) -> Daemon:
+    return request.app[DAEMON_KEY]
+
+
+def _is_admin(request: web.Request) -> bool:
+    token = _daemon(request).admin_token
+    header = request.headers.get("Authorization", "")
+    if token and header.startswith("Bearer "):
+        return hmac.compare_digest(header[7:].encode(), token.encode())
+    peer = request.remote or ""
+    try:
+        return ipaddress.ip_address(peer).is_loopback
+    except ValueError:
+        return peer == ""  # a Unix socket peer
+
+
+async def _json_body(request: web.Request) -> dict[str, Any]:
+    if not request.can_read_body:
+        return {}
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise web.HTTPBadRequest(
+            text=json.dumps({"error": {"message": "the body is not valid JSON",
+                                       "code": "gpud_bad_json", "type": "invalid_request_error"}}),
+            content_type="application/json") from None
+    if not isinstance(body, dict):
+        raise web.HTTPBadRequest(
+            text=json.dumps({"error": {"message": "the body must be a JSON object",
+                                       "code": "gpud_bad_json", "type": "invalid_request_error"}}),
+            content_type="application/json")
+    return body
+
+
+def _until(body: dict[str, Any], daemon: Daemon) -> datetime | None | web.Response:
+    raw = body.get("for")
+    if raw in (None, ""):
+        return None
+    try:
+        return daemon.reconciler.now() + parse_duration(raw)
+    except ValueError as exc:
+        return error(400, f"'for': {exc}")
+
+
+@web.middleware
+async def admin_writes(request: web.Request, handler: Any) -> web.StreamResponse:
+    if request.method != "GET" and request.path.startswith("/api/") and not _is_admin(request):
+        return error(403, "writes need the admin token (Authorization: Bearer ...) or loopback",
+                     "forbidden")
+    return await handler(request)  # type: ignore[no-any-return]
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"ok": True})
+
+
+async def status(request: web.Request) -> web.Response:
+    return web.json_response(_daemon(request).status())
+
+
+async def models(request: web.Request) -> web.Response:
+    return web.json_response(_daemon(request).status()["models"])
+
+
+async def model(request: web.Request) -> web.Response:
+    d = _daemon(request)
+    name = request.match_info["name"]
+    data = d.status()["models"].get(name)
+    if data is None:
+        return error(404, f"no model {name!r}; known: {', '.join(d.status()['models'])}",
+                     "model_not_found")
+    m = d.reconciler.config.models.get(data["model"])
+    data = {**data, "spec": m.model_dump(mode="json") if m else None}
+    return web.json_response(data)
+
+
+async def model_logs(request: web.Request) -> web.Response:
+    d = _daemon(request)
+    name = request.match_info["name"]
+    try:
+        lines = int(request.query.get("lines", "200"))
+    except ValueError:
+        return error(400, "lines must be an integer")
+    if not 0 < lines <= 2000:
+        return error(400, "lines must be between 1 and 2000")
+    inst = d.reconciler.instances.get(name)
+    if inst is None:
+        return error(404, f"no model {name!r}", "model_not_found")
+    tail = inst.proc.log_tail(lines) if inst.proc else d.log_file_tail(name, lines)
+    return web.json_response({"model": name, "lines": tail})
+
+
+async def model_action(request: web.Request) -> web.Response:
+    d = _daemon(request)
+    name, verb = request.match_info["name"], request.match_info["verb"]
+    if verb not in VERBS:
+        return error(404, f"unknown action {verb!r}; use sleep, wake, load or unload")
+    if name not in d.reconciler.config.models:
+        known = ", ".join(d.reconciler.config.models) or "none"
+        return error(404, f"no model {name!r}; known: {known}", "model_not_found")
+    body = await _json_body(request)
+    until = _until(body, d)
+    if isinstance(until, web.Response):
+        return until
+    level = body.get("level")
+    if level not in (None, 1, 2):
+        return error(400, "level must be 1 or 2")
+    reason = f"{verb} by an operator"
+    d.reconciler.set_override(name, VERBS[verb], until, reason)
+    msg = f"{name}: {verb} requested" + (f" until {until.isoformat(timespec='minutes')}"
+                                         if until else "")
+    return web.json_response({"ok": True, "message": msg})
+
+
+async def profile_get(request: web.Request) -> web.Response:
+    return web.json_response(_daemon(request).profile_status())
+
+
+async def profile_put(request: web.Request) -> web.Response:
+    d = _daemon(request)
+    body = await _json_body(request)
+    name = body.get("profile")
+    if not isinstance(name, str) or name not in d.reconciler.config.profiles:
+        known = ", ".join(d.reconciler.config.profiles) or "none"
+        return error(400, f"'profile' must name a defined profile (defined: {known})")
+    until = _until(body, d)
+    if isinstance(until, web.Response):
+        return until
+    d.reconciler.forced_profile = (name, until, str(body.get("reason") or "forced by an operator"))
+    d.events.publish("profile", profile=name, reason="forced by an operator",
+                     until=until.isoformat() if until else None)
+    d.reconciler.trigger()
+    return web.json_response(d.profile_status())
+
+
+async def profile_delete(request: web.Request) -> web.Response:
+    d = _daemon(request)
+    d.reconciler.forced_profile = None
+    d.events.publish("profile", profile=None, reason="back to the schedule")
+    d.reconciler.trigger()
+    return web.json_response(d.profile_status())
+
+
+async def plan_get(request: web.Request) -> web.Response:
+    return web.json_response(_daemon(request).plan_json())
+
+
+async def config_get(request: web.Request) -> web.Response:
+    return web.json_response(_daemon(request).config_json())
+
+
+async def reload(request: web.Request) -> web.Response:
+    d = _daemon(request)
+    await _json_body(request)
+    result = await d.reload(source="api")
+    return web.json_response(result, status=200 if result["valid"] else 422)
+
+
+async def events(request: web.Request) -> web.StreamResponse:
+    d = _daemon(request)
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                       "Cache-Control": "no-cache"})
+    await resp.prepare(request)
+    queue = d.events.subscribe()
+    try:
+        try:
+            since = int(request.query.get("since", "0"))
+        except ValueError:
+            since = 0
+        for event in d.events.history(100):
+            if event["seq"] > since:
+                await resp.write(f"id: {event['seq']}\ndata: {json.dumps(event)}\n\n".encode())
+        while True:
+            try:
+                event = await asyncio.wait_for(queue.get(), timeout=15)
+                await resp.write(f"id: {event['seq']}\ndata: {json.dumps(event)}\n\n".encode())
+            except TimeoutError:
+                await resp.write(b": keep-alive\n\n")
+    except (ConnectionResetError, asyncio.CancelledError):
+        pass
+    finally:
+        d.events.unsubscribe(queue)
+    return resp
+
+
+async def debug_stall(request: web.Request) -> web.Response:
+    """Test hook (GPUD_TEST_HOOKS=1 only): block the reconcile loop to prove the watchdog."""
+    d = _daemon(request)
+    d.reconciler.stalled = True
+    d.reconciler.trigger()
+    return web.json_response({"ok": True})
+
+
+def install(app: web.Application, daemon: Daemon, *, test_hooks: bool = False) -> None:
+    app[DAEMON_KEY] = daemon
+    app.middlewares.append(admin_writes)
+    r = app.router
+    r.add_get("/healthz", healthz)
+    r.add_get("/api/v1/status", status)
+    r.add_get("/api/v1/models", models)
+    r.add_get("/api/v1/models/{name}", model)
+    r.add_get("/api/v1/models/{name}/logs", model_logs)
+    r.add_post("/api/v1/models/{name}/{verb}", model_action)
+    r.add_get("/api/v1/profile", profile_get)
+    r.add_put("/api/v1/profile", profile_put)
+    r.add_delete("/api/v1/profile", profile_delete)
+    r.add_get("/api/v1/plan", plan_get)
+    r.add_get("/api/v1/config", config_get)
+    r.add_post("/api/v1/reload", reload)
+    r.add_get("/api/v1/events", events)
+    if test_hooks:
+        r.add_post("/api/v1/debug/stall", debug_stall)
