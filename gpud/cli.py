@@ -157,7 +157,7 @@ def _admin_token() -> str | None:
 
 
 def _api(method: str, path: str, args: argparse.Namespace, body: Any = None,
-         timeout: float = 30.0) -> Any:
+         timeout: float = 30.0, ok_codes: tuple[int, ...] = ()) -> Any:
     url = _base_url(args) + path
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(url, data=data, method=method)
@@ -171,9 +171,12 @@ def _api(method: str, path: str, args: argparse.Namespace, body: Any = None,
     except urllib.error.HTTPError as exc:
         try:
             detail = json.loads(exc.read())
-            msg = detail.get("error", {}).get("message") if isinstance(detail, dict) else None
         except ValueError:
-            msg = None
+            detail = None
+        if exc.code in ok_codes:
+            return detail
+        err = detail.get("error") if isinstance(detail, dict) else None
+        msg = err.get("message") if isinstance(err, dict) else err
         print(f"gpud: {msg or exc.reason} (HTTP {exc.code})", file=sys.stderr)
         raise SystemExit(1) from None
     except (urllib.error.URLError, OSError) as exc:
@@ -207,7 +210,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
-    data = _api("POST", "/api/v1/reload", args, {"wait": args.wait}, timeout=120)
+    data = _api("POST", "/api/v1/reload", args, {"wait": args.wait}, timeout=120,
+                ok_codes=(422,))
     if data.get("valid"):
         changed = "changed" if data.get("changed") else "unchanged"
         print(f"config {data['revision']} active ({changed})")
@@ -272,6 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     s = sub.add_parser("run", help="run the daemon in the foreground")
+    s.add_argument("--config", default=argparse.SUPPRESS,
+                   help="config file (default /etc/gpud/gpud.toml or GPUD_CONFIG)")
     s.add_argument("--stop-engines-on-exit", action=argparse.BooleanOptionalAction, default=None,
                    help="stop engines on a clean exit (default: yes interactively, no under systemd)")
     s.set_defaults(func=cmd_run)
@@ -314,6 +320,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dir", help="state directory for the demo (default .state/demo)")
     s.add_argument("--listen", default="127.0.0.1:8080")
     s.set_defaults(func=cmd_demo)
+    # Verbs that live in their own modules register themselves here.
+    for module in ("gpud.cli_extra", "gpud.bench"):
+        try:
+            mod = __import__(module, fromlist=["register"])
+        except ImportError:
+            continue
+        mod.register(sub)
     return p
 
 

@@ -14,7 +14,7 @@ import shutil
 import signal
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +50,7 @@ class Daemon:
         self.config_path = config_path
         self.loaded = loaded
         self.config_error: str | None = None
-        self.started_at = datetime.now(timezone.utc)
+        self.started_at = datetime.now(UTC)
         cfg = loaded.config
         home = Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local/state"))
         self.state_dir = _writable_dir(cfg.daemon.state_dir, home / "gpud")
@@ -133,9 +133,21 @@ class Daemon:
                 self.notifier.ready()
 
     def _keyring(self) -> Any:
-        from gpud.proxy.auth import KeyRing
+        from gpud.proxy.auth import ApiKey, KeyRing
 
-        return KeyRing.from_config(self.loaded.config.auth.keys)
+        keys = []
+        for k in self.loaded.config.auth.keys:
+            try:
+                if k.key_file is not None:
+                    keys.append(ApiKey.from_file(k.name, k.key_file, k.models))
+                elif k.key_hash is not None:
+                    keys.append(ApiKey.from_hash(k.name, k.key_hash, k.models))
+            except (OSError, ValueError) as exc:
+                # check time refuses these; a key file changed since is logged, never served open
+                log.error("API key %r unusable: %s", k.name, exc)
+        if self.loaded.config.auth.keys and not keys:
+            keys.append(ApiKey.from_hash("(none usable)", "0" * 64, ()))
+        return KeyRing(keys)
 
     # --- status -------------------------------------------------------------------------
 
@@ -229,19 +241,23 @@ class Daemon:
     async def _watch(self) -> None:
         import watchfiles
 
-        if self.loaded.embedded or self.config_path is None and not DEFAULT_PATH.exists():
+        if self.loaded.embedded or (self.config_path is None and not DEFAULT_PATH.exists()):
             return
         path = self.loaded.path.resolve()
         dirs = [path.parent]
         dropins = path.parent / (path.stem + ".d")
         if dropins.is_dir():
             dirs.append(dropins)
+        logging.getLogger("watchfiles").setLevel(logging.WARNING)
+
+        def relevant(_: object, changed: str) -> bool:
+            p = Path(changed)
+            return p == path or (p.parent == dropins and p.suffix == ".toml")
+
         # Watch the directory, not the file: editors save by renaming a new file over it.
-        async for changes in watchfiles.awatch(*dirs, debounce=30, step=10,
-                                               stop_event=self._stop, recursive=False):
-            names = {Path(p).name for _, p in changes}
-            if any(n.endswith(".toml") for n in names):
-                await self.reload(source="file change")
+        async for _ in watchfiles.awatch(*dirs, debounce=30, step=10, stop_event=self._stop,
+                                         recursive=False, watch_filter=relevant):
+            await self.reload(source="file change")
 
     def request_stop(self) -> None:
         self._stop.set()

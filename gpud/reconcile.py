@@ -25,7 +25,13 @@ import aiohttp
 from gpud.config import LoadedConfig, zone_of
 from gpud.config.units import format_duration
 from gpud.desired import DesiredModel, Intent, Layers, Override, effective
-from gpud.engines.process import EngineProcess, allocate_port, classify_crash
+from gpud.engines.process import (
+    EngineError,
+    EngineExited,
+    EngineProcess,
+    EngineStartTimeout,
+    allocate_port,
+)
 from gpud.engines.records import EngineRecord, adopt, read_records, remove_record, write_record
 from gpud.engines.spec import EngineSpec
 from gpud.engines.vllm import VllmClient, build_argv, build_env
@@ -381,23 +387,26 @@ class Reconciler:
         env = build_env(spec, dict(os.environ))
         log.info("%s: starting engine on port %d: %s", inst.key, port, " ".join(argv))
         started = time.monotonic()
-        proc = await EngineProcess.spawn(
-            name=inst.key, argv=argv, env=env, log_path=self.log_dir / f"{inst.key}.log",
-        )
+        try:
+            proc = EngineProcess.spawn(inst.key, argv, env, self.log_dir)
+        except EngineError as exc:
+            self._failed_start(inst, str(exc))
+            return False
         inst.proc, inst.expect_exit = proc, False
         inst.client = VllmClient(inst.base_url or "", self.session)
         inst.started_at = time.time()
         self._watch_exit(inst, proc)
-        write_record(self.runtime_dir, EngineRecord.for_process(
-            proc, model=inst.key, port=port, spec_hash=d.spec_hash))
-        healthy = await proc.wait_healthy(inst.client, engine.startup_timeout.total_seconds())
-        if not healthy:
-            if proc.returncode is None:
-                cause, detail = classify_crash(proc.log_tail(200))
-                inst.expect_exit = True
-                await proc.stop(engine.stop_timeout.total_seconds())
-                self._failed_start(inst, f"not healthy within "
-                                   f"{format_duration(engine.startup_timeout)} ({cause}: {detail})")
+        write_record(self.runtime_dir, EngineRecord.of(proc, port, d.spec_hash))
+        try:
+            await proc.wait_healthy(inst.client, engine.startup_timeout.total_seconds())
+        except EngineExited:
+            return False  # the exit callback has recorded the cause and scheduled a retry
+        except EngineStartTimeout:
+            cause, detail = proc.crash_cause()
+            inst.expect_exit = True
+            await proc.stop(engine.stop_timeout.total_seconds())
+            self._failed_start(inst, f"not healthy within "
+                               f"{format_duration(engine.startup_timeout)} (log: {detail})")
             return False
         duration = time.monotonic() - started
         self.events.publish("loaded", model=inst.key, duration=round(duration, 2))
@@ -448,29 +457,23 @@ class Reconciler:
         asyncio.get_running_loop().call_later(delay, self.trigger)
 
     def _watch_exit(self, inst: Instance, proc: EngineProcess) -> None:
-        def exited(returncode: int | None) -> None:
-            if inst.proc is not proc:
+        def exited(_: EngineProcess) -> None:
+            if inst.proc is not proc or inst.expect_exit:
                 return
-            if inst.expect_exit:
-                return
-            cause, detail = classify_crash(proc.log_tail(200))
+            cause, detail = proc.crash_cause()
             inst.restarts += 1
-            log.warning("%s: engine pid %d exited (%s): %s: %s", inst.key, proc.pid,
-                        returncode, cause, detail)
             self.events.publish("crashed", model=inst.key, pid=proc.pid, cause=cause,
                                 detail=detail)
-            task = self._tasks.get(inst.key)
-            asyncio.get_running_loop().create_task(self._reap_group(proc))
-            inst.port = None
+            starting = inst.state == "starting"
+            inst.port, inst.client, inst.spec_hash = None, None, None
+            # The process layer ends the rest of the group (EngineCore, workers) itself.
             self._failed_start(inst, f"{cause}: {detail}" if detail else cause)
-            if task is not None and task is not asyncio.current_task():
+            task = self._tasks.get(inst.key)
+            if task is not None and not starting:
                 task.cancel()
+            self.trigger()
 
-        proc.on_exit(exited)
-
-    async def _reap_group(self, proc: EngineProcess) -> None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            await proc.stop(2.0)
+        proc.add_exit_callback(exited)
 
     async def _sleep(self, inst: Instance, level: int, reason: str) -> bool:
         if inst.client is None:
@@ -580,7 +583,7 @@ class Reconciler:
         else:
             for inst in self.instances.values():
                 if inst.proc is not None:
-                    inst.proc.detach()
+                    inst.proc.close()
         if self._session is not None:
             await self._session.close()
 

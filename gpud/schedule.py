@@ -43,6 +43,7 @@ Rules, all in wall-clock time of the schedule's timezone:
 
 from __future__ import annotations
 
+import bisect
 import math
 import re
 from collections.abc import Sequence
@@ -391,6 +392,7 @@ class Schedule:
         self._lookback = math.ceil(longest / MINUTES_PER_DAY)
         self._day_cache: dict[int, tuple[_Interval, ...]] = {}
         self._midnight_cache: dict[int, int] = {}
+        self._segment_cache: dict[int, tuple[list[int], list[_Entry | None]]] = {}
         # The day of the last lookup, as [first midnight, next midnight): the daemon and
         # the tests ask about nearby instants, so most lookups skip the date conversion.
         self._last_day: tuple[float, float, int] = (0.0, 0.0, 0)
@@ -415,16 +417,11 @@ class Schedule:
         current = self._entry_at(ts)
         current_profile = current.profile if current is not None else None
         today = self._day_of(ts)
-        pending: set[int] = set()
-        for day in range(today - self._lookback, today + LOOKAHEAD_DAYS + 1):
-            for opens, closes, _ in self._intervals(day):
-                pending.update(t for t in (opens, closes) if t > ts)
-            # Windows of later days open at or after their local midnight, so every
-            # instant up to it is final and can be checked in order.
-            frontier = self._midnight(day + 1)
-            ready = sorted(t for t in pending if t <= frontier)
-            for instant in ready:
-                entry = self._entry_at(instant)
+        for day in range(today, today + LOOKAHEAD_DAYS + 1):
+            starts, winners = self._segments(day)
+            for instant, entry in zip(starts, winners, strict=True):
+                if instant <= ts:
+                    continue
                 profile = entry.profile if entry is not None else None
                 if profile != current_profile:
                     return Boundary(
@@ -432,7 +429,6 @@ class Schedule:
                         profile=profile,
                         prewake=entry.prewake if entry is not None else timedelta(0),
                     )
-            pending.difference_update(ready)
         return None
 
     def overlaps(self) -> list[str]:
@@ -460,11 +456,29 @@ class Schedule:
     # ---------------------------------------------------------------------- internals
 
     def _entry_at(self, ts: float) -> _Entry | None:
-        day = self._day_of(ts)
-        best: _Entry | None = None
-        for back in range(self._lookback + 1):
-            for opens, closes, number in self._intervals(day - back):
-                if opens <= ts < closes:
+        starts, winners = self._segments(self._day_of(ts))
+        return winners[bisect.bisect_right(starts, ts) - 1]
+
+    def _segments(self, ordinal: int) -> tuple[list[int], list[_Entry | None]]:
+        """Local day ``ordinal`` cut where the winner changes: ``winners[i]`` holds from
+        ``starts[i]`` to the next start (the first start is the day's midnight)."""
+        cached = self._segment_cache.get(ordinal)
+        if cached is not None:
+            return cached
+        low, high = self._midnight(ordinal), self._midnight(ordinal + 1)
+        intervals = [
+            interval
+            for back in range(self._lookback + 1)
+            for interval in self._intervals(ordinal - back)
+            if interval[0] < high and interval[1] > low
+        ]
+        cuts = sorted({low} | {t for i in intervals for t in i[:2] if low < t < high})
+        starts: list[int] = []
+        winners: list[_Entry | None] = []
+        for cut in cuts:
+            best: _Entry | None = None
+            for opens, closes, number in intervals:
+                if opens <= cut < closes:
                     entry = self._by_number[number]
                     # Higher priority wins; at equal priority the earlier entry wins.
                     if best is None or (entry.priority, -entry.number) > (
@@ -472,14 +486,21 @@ class Schedule:
                         -best.number,
                     ):
                         best = entry
-        return best if best is not None else self._otherwise
+            winner = best if best is not None else self._otherwise
+            if not winners or winners[-1] is not winner:
+                starts.append(cut)
+                winners.append(winner)
+        if len(self._segment_cache) > 4096:  # bound memory for a long-running daemon
+            self._segment_cache.clear()
+        self._segment_cache[ordinal] = (starts, winners)
+        return starts, winners
 
     def _day_of(self, ts: float) -> int:
         """The local day whose (first) midnight is the last one at or before ``ts``.
 
-        Not simply the date the clock shows: where the clocks fall back across midnight
-        (America/Santiago) the clock shows yesterday again for an hour after today's
-        windows have opened, and those windows must still be found.
+        Not simply the date the clock shows: were the clocks to fall back across midnight
+        (00:30 back to 23:30, say), the clock would show yesterday again after today's
+        windows had opened, and those windows must still be found.
         """
         low, high, ordinal = self._last_day
         if low <= ts < high:

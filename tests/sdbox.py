@@ -7,8 +7,10 @@ Units go to `box.units` (the nested SYSTEMD_UNIT_PATH); files the service must
 see under ProtectSystem=strict/PrivateTmp= go to the namespace's /run through
 `box.ns_path("/run/...")`.
 
-Never touches the host: /run, /dev, /var/lib, /var/tmp, the journal and, when
-`users` is given, /etc/passwd and /etc/group are private to the namespace.
+Never touches the host: /run, /dev, /var/lib, /var/tmp and the journal are
+private tmpfs, and /etc is an overlay (writes land in STATE/etc-upper), so
+StateDirectory=, ConfigurationDirectory=, `users` and a test's /etc/gpud/gpud.toml
+stay inside.
 Needs root and util-linux; `unavailable()` says why not, for pytest.skip.
 """
 
@@ -159,6 +161,14 @@ class SystemdBox:
     def ns_path(self, path: str) -> Path:
         """A path in the namespace's mount ns, reachable from the host."""
         return Path(f"/proc/{self.pid}/root") / path.lstrip("/")
+
+    def write(self, path: str, text: str, mode: int = 0o644) -> Path:
+        """Write a file inside the namespace (its /etc, /run...), parents made."""
+        target = self.ns_path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text)
+        target.chmod(mode)
+        return target
 
     def install_unit(self, name: str, text: str, dropins: Mapping[str, str] | None = None) -> Path:
         """Write a unit (and drop-ins NAME.d/*.conf), then daemon-reload."""

@@ -1,4 +1,4 @@
-"""kvcached's limit record: gpud writes the limit, the engine's kvcached reads it and reports use."""
+"""kvcached's limit record: gpud writes the limit, kvcached reads it and reports use."""
 
 from __future__ import annotations
 

@@ -17,6 +17,7 @@ import itertools
 import random
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
+from typing import cast
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -83,10 +84,9 @@ def brute_force(
     minutes = range(first, last)
     epoch = datetime(1970, 1, 1)
     # The wall-clock reading at each minute, in minutes since 1970-01-01 00:00 local.
-    wall = [
-        int((datetime.fromtimestamp(m * 60, tz).replace(tzinfo=None) - epoch).total_seconds()) // 60
-        for m in minutes
-    ]
+    one_minute = timedelta(minutes=1)
+    offsets = (cast(timedelta, datetime.fromtimestamp(m * 60, tz).utcoffset()) for m in minutes)
+    wall = [m + offset // one_minute for m, offset in zip(minutes, offsets, strict=True)]
     # The highest reading so far; "first minute reading >= t" is a bisect on it.
     highest = list(itertools.accumulate(wall, max))
     everyone = [*specs, otherwise] if otherwise is not None else list(specs)

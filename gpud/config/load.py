@@ -22,7 +22,7 @@ from pydantic import BaseModel, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from gpud.config.locate import Locator
-from gpud.config.schema import DaemonConfig, GpudConfig
+from gpud.config.schema import GpudConfig
 
 DEFAULT_PATH = Path("/etc/gpud/gpud.toml")
 EMBEDDED_DEFAULT = Path(__file__).resolve().parent.parent / "data" / "default.toml"
@@ -212,7 +212,7 @@ def _message(err: Mapping[str, Any]) -> str:
         guess = difflib.get_close_matches(str(loc[-1]), allowed, n=1, cutoff=0.6)
         hint = f"; did you mean {guess[0]!r}?" if guess else ""
         listing = f" Allowed here: {', '.join(allowed)}." if allowed and not guess else ""
-        return f"unknown key{hint}{listing}"
+        return f"unknown key{hint}{listing}".replace("key Allowed", "key. Allowed")
     if kind == "literal_error":
         return f"{err['msg'].replace('Input should be', 'must be')} (got {err['input']!r})"
     if kind == "missing":
@@ -227,8 +227,17 @@ def _message(err: Mapping[str, Any]) -> str:
 
 
 class _Located:
+    """Locates errors; the texts are indexed only when there is an error to place."""
+
     def __init__(self, sources: Iterable[Source]) -> None:
-        self.items = [(str(s.path), Locator(s.text)) for s in sources]
+        self.sources = list(sources)
+        self._items: list[tuple[str, Locator]] | None = None
+
+    @property
+    def items(self) -> list[tuple[str, Locator]]:
+        if self._items is None:
+            self._items = [(str(s.path), Locator(s.text)) for s in self.sources]
+        return self._items
 
     def error(self, loc: tuple[str | int, ...], message: str) -> ErrorItem:
         best: tuple[str, tuple[int, int], int] | None = None
@@ -339,7 +348,7 @@ def _zone(name: str | None) -> Any:
         return ZoneInfo(name)
     try:
         return ZoneInfo(os.environ.get("TZ") or _system_zone())
-    except Exception:  # noqa: BLE001 - an odd /etc/localtime falls back to UTC
+    except Exception:
         return ZoneInfo("UTC")
 
 

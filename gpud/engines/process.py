@@ -33,7 +33,7 @@ log = logging.getLogger("gpud.engine")
 
 LOG_RING_LINES = 2000
 LOG_ROTATE_BYTES = 64 * 1024 * 1024
-_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._#-]{0,127}$")
 
 
 class HealthProbe(Protocol):
@@ -194,7 +194,7 @@ def classify_crash(log_tail: Sequence[str], returncode: int | None = None) -> tu
         if returncode == -signal.SIGKILL:
             detail += "; killed from outside (the kernel's OOM killer or a person)"
         return "other", detail
-    return "other", _clip(lines[-1]) if lines else "no output"
+    return "other", f"last output: {_clip(lines[-1])}" if lines else "no output"
 
 
 def _clip(line: str, limit: int = 400) -> str:

@@ -80,9 +80,7 @@ def write_limit(model: str, limit_bytes: int, shm_dir: Path = SHM_DIR, mode: int
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         data = os.pread(fd, RECORD_SIZE, 0)
-        _limit, used, prealloc = (
-            _RECORD.unpack(data) if len(data) == RECORD_SIZE else (0, 0, 0)
-        )
+        _limit, used, prealloc = _RECORD.unpack(data) if len(data) == RECORD_SIZE else (0, 0, 0)
         os.pwrite(fd, _RECORD.pack(limit_bytes, used, prealloc), 0)
         if os.fstat(fd).st_size != RECORD_SIZE:
             os.ftruncate(fd, RECORD_SIZE)

@@ -64,6 +64,17 @@ class KVPool:
         decision = self.ledger.request(tenant, n)
         return Grant(decision, self._back(tenant, decision.granted))
 
+    def grant_now(self, tenant: str, n: int) -> tuple[PageRef, ...]:
+        """Grant ``n`` free pages at once or raise ``LedgerError``: the in-process fast path."""
+        return self._back(tenant, self.ledger.grant(tenant, n))
+
+    def reclaim(self, tenant: str, pages: Iterable[int]) -> None:
+        """Take pages back (already unmapped) and give their memory back to the driver now."""
+        pages = self.ledger.release(tenant, pages)
+        for p in pages:
+            self.backend.release(p)
+        self.ledger.mark_unbacked(pages)
+
     def claim_earmarked(self, tenant: str) -> tuple[PageRef, ...]:
         return self._back(tenant, self.ledger.claim_earmarked(tenant))
 

@@ -65,7 +65,7 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
     return body
 
 
-def _until(body: dict[str, Any], daemon: Daemon) -> datetime | None | web.Response:
+def _until(body: dict[str, Any], daemon: Daemon) -> datetime | web.Response | None:
     raw = body.get("for")
     if raw in (None, ""):
         return None

@@ -9,13 +9,14 @@
 #   sdbox.sh down STATE_DIR            poweroff; SIGKILL fallback; remove cgroup
 #
 # Optional inputs in STATE_DIR, read by `up`:
-#   passwd, group   bind-mounted over /etc/passwd and /etc/group inside the
-#                   namespace (system users for units, without touching the host)
+#   passwd, group   become /etc/passwd and /etc/group inside (system users for
+#                   units); /etc is an overlay whose writes land in STATE/etc-upper
 #   devices         lines "NAME" of host /dev nodes (e.g. nvidia0, nvidiactl)
 #                   recreated in the namespace's private /dev with the same
 #                   major:minor, owner and mode
 #
-# /var/lib is a private tmpfs inside, so StateDirectory= never writes the host.
+# /var/lib is a private tmpfs and /etc an overlay inside, so StateDirectory=,
+# ConfigurationDirectory= and files a test puts in /etc never reach the host.
 #
 # Needs root, util-linux (unshare, nsenter), the systemd package (installed,
 # not running), /usr/bin/python3 (console pty relay). Writes only STATE_DIR and
@@ -105,8 +106,13 @@ inner() {
   mount -t tmpfs -o nosuid,nodev,mode=1777 tmpfs /var/tmp
   # StateDirectory= and systemd's own /var/lib/systemd stay in the namespace
   mount -t tmpfs -o nosuid,nodev,mode=755 tmpfs /var/lib
-  [ -s "$state/passwd" ] && mount --bind "$state/passwd" /etc/passwd
-  [ -s "$state/group" ] && mount --bind "$state/group" /etc/group
+
+  # /etc is an overlay: what units and tests write there (ConfigurationDirectory=,
+  # users, /etc/gpud/gpud.toml) lands in STATE/etc-upper, never on the host
+  mkdir -p "$state/etc-upper" "$state/etc-work"
+  mount -t overlay overlay -o "lowerdir=/etc,upperdir=$state/etc-upper,workdir=$state/etc-work" /etc
+  [ -s "$state/passwd" ] && cat "$state/passwd" > /etc/passwd
+  [ -s "$state/group" ] && cat "$state/group" > /etc/group
 
   # manager + journald config, visible only inside this mount ns
   mount --bind "$state/system.conf"   /etc/systemd/system.conf

@@ -39,6 +39,7 @@ def _probe() -> dict[str, object]:
         "state_writable": writable(os.environ.get("STATE_DIRECTORY", "/var/lib/gpud")),
         "runtime_writable": writable(os.environ.get("RUNTIME_DIRECTORY", "/run/gpud")),
         "etc_writable": writable("/etc/gpud") or writable("/etc"),
+        "etc_gpud_writable": writable("/etc/gpud"),
         "usr_writable": writable("/usr"),
         "tmp_writable": writable("/tmp"),
         "config_dir": os.environ.get("CONFIGURATION_DIRECTORY"),

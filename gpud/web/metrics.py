@@ -1,0 +1,260 @@
+"""`GET /metrics`: gpud's own state in Prometheus text format.
+
+One private CollectorRegistry per daemon. State (models, queues, profile, config, memory) is
+read from the daemon's snapshots at scrape time by a custom collector; request, wake, load
+and reconcile durations are histograms fed as they happen (the proxy's observer hook, the
+event bus, the reconciler's pass hook). A scrape never calls an engine and never wakes a
+model; engines' own metrics are not re-exported under gpud's names.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+from prometheus_client.registry import Collector
+
+from gpud.web.memory import memory_status
+
+if TYPE_CHECKING:
+    from gpud.daemon import Daemon
+
+log = logging.getLogger("gpud.web.metrics")
+
+# Every state an instance can be in; gpud_model_state has one series per state (0 or 1).
+MODEL_STATES = ("unloaded", "starting", "awake", "sleeping", "asleep", "waking", "stopping",
+                "draining", "failed")
+
+REQUEST_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+WAKE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120)
+LOAD_BUCKETS = (5, 10, 20, 30, 60, 120, 300, 600, 900, 1800)
+RECONCILE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
+
+
+def _model_of(key: str) -> str:
+    """The model of an instance key ("chat#1" -> "chat"): durations are per model."""
+    return key.split("#", 1)[0]
+
+
+class RequestMetrics:
+    """The proxy's `ProxyObserver`: counts and times every request at the proxy.
+
+    Wire it with `Proxy(backend, observer=metrics.observer)` (or set `proxy.observer`).
+    Called on the hot path: a label lookup and two observations.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter(
+            "gpud_requests", "Requests answered by gpud's proxy, by model and HTTP status "
+            "(model is empty when none was resolved: unknown name, bad JSON, 401).",
+            ["model", "code"], registry=registry)
+        self.duration = Histogram(
+            "gpud_request_duration_seconds", "Seconds from a request's arrival to its last "
+            "byte, queueing and waking included.", ["model"], buckets=REQUEST_BUCKETS,
+            registry=registry)
+        self.ttft = Histogram(
+            "gpud_time_to_first_token_seconds", "Seconds from a streamed request's arrival "
+            "to the first body chunk sent to the client, measured at the proxy.", ["model"],
+            buckets=TTFT_BUCKETS, registry=registry)
+
+    def request_done(
+        self, model: str, endpoint: str, status: int, duration: float, ttft: float | None
+    ) -> None:
+        self.requests.labels(model, str(status)).inc()
+        if model:
+            self.duration.labels(model).observe(duration)
+            if ttft is not None:
+                self.ttft.labels(model).observe(ttft)
+
+
+class StateCollector(Collector):
+    """Reads the daemon's state at scrape time; nothing here talks to an engine."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+
+    def describe(self) -> Iterable[Metric]:
+        return list(self._families())
+
+    def collect(self) -> Iterable[Metric]:
+        families = self._families()
+        try:
+            self._fill(*families)
+        except Exception:  # a scrape shows what it has rather than a 500
+            log.exception("collecting gpud's state for /metrics failed")
+        return families
+
+    @staticmethod
+    def _families() -> tuple[Any, ...]:
+        return (
+            GaugeMetricFamily("gpud_model_state", "1 for the state each model instance is in "
+                              "now, 0 for the others.", labels=["model", "state"]),
+            CounterMetricFamily("gpud_model_restarts", "Times an instance's engine exited "
+                                "unexpectedly since gpud started.", labels=["model"]),
+            GaugeMetricFamily("gpud_queue_depth", "Requests waiting for a slot or a wake, "
+                              "by model.", labels=["model"]),
+            GaugeMetricFamily("gpud_inflight", "Requests being served by an engine, by "
+                              "model.", labels=["model"]),
+            GaugeMetricFamily("gpud_config_valid", "1 when the last config load was valid, "
+                              "0 when the last reload was refused (the previous config runs)."),
+            GaugeMetricFamily("gpud_active_profile", "1 for the active profile, 0 for the "
+                              "other defined profiles.", labels=["profile"]),
+            GaugeMetricFamily("gpud_gpu_memory_bytes", "GPU memory by GPU and kind: total, "
+                              "used, free, models (gpud's engines) and other (everything "
+                              "else). No series without a GPU.", labels=["gpu", "kind"]),
+            GaugeMetricFamily("gpud_model_memory_bytes", "Memory held by each model instance "
+                              "on a GPU (NVML) or, without a GPU, its engine's host RSS.",
+                              labels=["model", "device"]),
+        )
+
+    def _fill(self, state: GaugeMetricFamily, restarts: CounterMetricFamily,
+              queue: GaugeMetricFamily, inflight: GaugeMetricFamily,
+              config_valid: GaugeMetricFamily, profile: GaugeMetricFamily,
+              gpu_mem: GaugeMetricFamily, model_mem: GaugeMetricFamily) -> None:
+        d = self.daemon
+        r = d.reconciler
+        models = r.status_models()
+        for key, m in models.items():
+            for s in MODEL_STATES:
+                state.add_metric([key, s], 1.0 if m["state"] == s else 0.0)
+            if m["state"] not in MODEL_STATES:
+                state.add_metric([key, str(m["state"])], 1.0)
+            restarts.add_metric([key], float(m.get("restarts") or 0))
+        stats: dict[str, dict[str, Any]] = d.proxy.stats() if d.proxy is not None else {}
+        for name in sorted(set(r.config.models) | set(stats)):
+            s = stats.get(name, {})
+            queue.add_metric([name], float(s.get("queued", 0)))
+            inflight.add_metric([name], float(s.get("inflight", 0)))
+        config_valid.add_metric([], 0.0 if d.config_error else 1.0)
+        active, _ = r.active_profile(r.now())
+        for name in sorted(set(r.config.profiles) | ({active} if active else set())):
+            profile.add_metric([name], 1.0 if name == active else 0.0)
+        memory = memory_status(d)
+        for gpu in memory["gpus"]:
+            idx = str(gpu["index"])
+            models_total = sum(gpu["models"].values())
+            for kind, value in (("total", gpu["total"]), ("used", gpu["used"]),
+                                ("free", gpu["free"]), ("models", models_total),
+                                ("other", gpu["other"])):
+                gpu_mem.add_metric([idx, kind], float(value))
+            for key, used in sorted(gpu["models"].items()):
+                model_mem.add_metric([key, f"gpu{idx}"], float(used))
+        if not memory["gpus"]:
+            for key, e in sorted(memory["host"]["engines"].items()):
+                model_mem.add_metric([key, "host"], float(e["rss"]))
+
+
+class GpudMetrics:
+    """gpud's registry: the scrape-time collector plus the histograms fed as things happen."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.observer = RequestMetrics(self.registry)
+        self.wake = Histogram(
+            "gpud_wake_duration_seconds", "Seconds an engine took to wake, by model and "
+            "sleep level.", ["model", "level"], buckets=WAKE_BUCKETS, registry=self.registry)
+        self.load = Histogram(
+            "gpud_load_duration_seconds", "Seconds from an engine's start to its first "
+            "healthy answer, by model.", ["model"], buckets=LOAD_BUCKETS,
+            registry=self.registry)
+        self.reconcile = Histogram(
+            "gpud_reconcile_duration_seconds", "Seconds one reconcile pass took (planning "
+            "and starting actions; the actions themselves run after).",
+            buckets=RECONCILE_BUCKETS, registry=self.registry)
+        self.registry.register(StateCollector(daemon))
+        self._task: asyncio.Task[None] | None = None
+        self._queue: asyncio.Queue[dict[str, Any]] | None = None
+
+    # --- feeds ----------------------------------------------------------------------------
+
+    def on_event(self, event: dict[str, Any]) -> None:
+        kind = event.get("kind")
+        duration = event.get("duration")
+        if not isinstance(duration, int | float) or duration < 0:
+            return
+        model = _model_of(str(event.get("model", "")))
+        if kind == "woke":
+            self.wake.labels(model, str(event.get("level", 1))).observe(duration)
+        elif kind == "loaded":
+            self.load.labels(model).observe(duration)
+
+    def on_pass(self) -> None:
+        seconds = getattr(self.daemon.reconciler, "last_pass_seconds", None)
+        if isinstance(seconds, int | float) and seconds >= 0:
+            self.reconcile.observe(seconds)
+
+    async def _follow(self, queue: asyncio.Queue[dict[str, Any]]) -> None:
+        while True:
+            self.on_event(await queue.get())
+
+    async def start(self) -> None:
+        if self._task is None:
+            self._queue = self.daemon.events.subscribe()
+            self._task = asyncio.create_task(self._follow(self._queue), name="metrics-events")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._queue is not None:
+            self.daemon.events.unsubscribe(self._queue)
+            self._queue = None
+
+    # --- exposition -----------------------------------------------------------------------
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def families(self) -> Iterator[str]:
+        """The family names exposed (for tests and docs)."""
+        for collector in list(self.registry._collector_to_names):
+            for metric in collector.collect():
+                yield metric.name
+
+
+METRICS_KEY: web.AppKey[GpudMetrics] = web.AppKey("gpud_metrics", GpudMetrics)
+
+
+async def handle_metrics(request: web.Request) -> web.Response:
+    metrics = request.app[METRICS_KEY]
+    body = await asyncio.to_thread(metrics.render)  # NVML and /proc reads stay off the loop
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_PLAIN_0_0_4})
+
+
+def install(app: web.Application, daemon: Daemon) -> GpudMetrics:
+    """Add `GET /metrics` and start feeding the histograms.
+
+    Also hands the request observer to the daemon's proxy when it has none yet, and hooks the
+    reconciler's pass for gpud_reconcile_duration_seconds (it reads
+    `reconciler.last_pass_seconds` when the reconciler records it).
+    """
+    metrics = GpudMetrics(daemon)
+    app[METRICS_KEY] = metrics
+    app.router.add_get("/metrics", handle_metrics)
+    proxy = daemon.proxy
+    if proxy is not None and getattr(proxy, "observer", None) is None:
+        proxy.observer = metrics.observer
+    daemon.reconciler.on_pass.append(metrics.on_pass)
+
+    async def on_startup(_: web.Application) -> None:
+        await metrics.start()
+
+    async def on_cleanup(_: web.Application) -> None:
+        await metrics.stop()
+        with contextlib.suppress(ValueError):
+            daemon.reconciler.on_pass.remove(metrics.on_pass)
+
+    app.on_startup.append(on_startup)
+    app.on_cleanup.append(on_cleanup)
+    return metrics

@@ -1,0 +1,282 @@
+"""Process supervision with real processes (plain Python children standing in for nothing
+but a process tree: a leader with a child in its group, like vLLM's API server and
+EngineCore). Fast: no model is loaded. The same code runs real vLLM in test_engines.py."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from gpud.engines.process import (
+    EngineExited,
+    EngineProcess,
+    EngineSpawnError,
+    EngineStartTimeout,
+    NoFreePort,
+    allocate_port,
+    group_members,
+    proc_start_time,
+)
+from gpud.engines.records import (
+    EngineRecord,
+    adopt,
+    read_record,
+    read_records,
+    record_path,
+    remove_record,
+    write_record,
+)
+
+# A leader that starts a child in its own group (as vLLM starts EngineCore), says so, and
+# waits. With IGNORE_TERM set, both ignore SIGTERM (a hung engine).
+TREE = r"""
+import os, signal, subprocess, sys, time
+if os.environ.get("IGNORE_TERM"):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+child = subprocess.Popen([sys.executable, "-c",
+    "import os, signal, time\n"
+    "if os.environ.get('IGNORE_TERM'): signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+    "print('child up', os.getpid(), flush=True)\n"
+    "time.sleep(600)"])
+print("leader up", os.getpid(), flush=True)
+for i in range(3):
+    print("line", i, flush=True)
+time.sleep(600)
+"""
+
+
+def tree_argv() -> list[str]:
+    return [sys.executable, "-c", TREE]
+
+
+class Healthy:
+    def __init__(self, answer: bool) -> None:
+        self.answer = answer
+        self.calls = 0
+
+    async def health(self) -> bool:
+        self.calls += 1
+        return self.answer
+
+
+async def wait_for_line(proc: EngineProcess, needle: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not any(needle in ln for ln in proc.log_tail()):
+        assert time.monotonic() < deadline, f"no {needle!r} in {proc.log_tail()}"
+        await asyncio.sleep(0.05)
+
+
+@pytest.fixture
+async def tree(tmp_path: Path) -> AsyncIterator[EngineProcess]:
+    proc = EngineProcess.spawn("tree", tree_argv(), dict(os.environ), tmp_path / "logs")
+    try:
+        await wait_for_line(proc, "child up")
+        yield proc
+    finally:
+        await proc.stop(grace=2)
+
+
+async def test_spawn_logs_to_file_ring_and_gpud_log(
+    tree: EngineProcess, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="gpud.engine")
+    await wait_for_line(tree, "line 2")
+    text = tree.log_path.read_text()
+    assert text.startswith("--- gpud ") and "starting tree: " in text
+    assert "leader up" in text and "child up" in text
+    assert tree.log_tail(1) == ["line 2"] or "child up" in tree.log_tail(1)[0]
+    assert not any(ln.startswith("--- gpud") for ln in tree.log_tail())  # only the engine's
+    assert tree.pgid == tree.pid and os.getpgid(tree.pid) == tree.pid
+    assert os.getsid(tree.pid) == tree.pid  # its own session: no tty signals from gpud's
+    assert len(group_members(tree.pgid)) == 2
+
+
+async def test_follower_reports_lines_with_the_model_name(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="gpud.engine")
+    proc = EngineProcess.spawn(
+        "echoer", [sys.executable, "-c", "print('hello from engine')"], {}, tmp_path
+    )
+    assert await asyncio.wait_for(proc.wait(), 5) == 0
+    recs = [r for r in caplog.records if "hello from engine" in r.getMessage()]
+    assert recs and recs[0].getMessage() == "[echoer] hello from engine"
+    assert getattr(recs[0], "model", None) == "echoer"
+
+
+async def test_kill9_of_leader_is_seen_at_once_and_takes_the_group(
+    tree: EngineProcess,
+) -> None:
+    members = group_members(tree.pgid)
+    assert len(members) == 2
+    seen = asyncio.get_running_loop().create_future()
+    tree.add_exit_callback(lambda p: seen.set_result(time.monotonic()))
+    t0 = time.monotonic()
+    os.kill(tree.pid, signal.SIGKILL)
+    detected = await asyncio.wait_for(seen, 2.0) - t0
+    assert detected < 0.5, detected
+    assert not tree.running and tree.returncode == -signal.SIGKILL
+    assert await asyncio.wait_for(tree.wait(), 5) == -signal.SIGKILL
+    assert group_members(tree.pgid) == []  # the orphaned child went with it
+    assert not Path(f"/proc/{tree.pid}").exists()  # reaped, no zombie
+    cause, detail = tree.crash_cause()
+    assert cause == "other" and "SIGKILL" in detail
+
+
+async def test_stop_sends_sigterm_to_the_group(tree: EngineProcess) -> None:
+    members = group_members(tree.pgid)
+    t0 = time.monotonic()
+    rc = await tree.stop(grace=5)
+    assert time.monotonic() - t0 < 2
+    assert rc == -signal.SIGTERM
+    assert all(not Path(f"/proc/{m}").exists() or group_members(tree.pgid) == [] for m in members)
+    assert group_members(tree.pgid) == []
+    assert await tree.stop() == rc  # twice is fine
+
+
+async def test_stop_kills_after_grace_when_sigterm_is_ignored(tmp_path: Path) -> None:
+    env = {**os.environ, "IGNORE_TERM": "1"}
+    proc = EngineProcess.spawn("stubborn", tree_argv(), env, tmp_path)
+    try:
+        await wait_for_line(proc, "child up")
+        t0 = time.monotonic()
+        rc = await proc.stop(grace=0.5)
+        took = time.monotonic() - t0
+        assert rc == -signal.SIGKILL
+        assert 0.5 <= took < 2.0
+        assert group_members(proc.pgid) == []
+    finally:
+        proc.kill()
+
+
+async def test_crash_before_healthy_is_classified(tmp_path: Path) -> None:
+    script = (
+        "import sys\n"
+        "print('(APIServer pid=1) WARNING 11-23 14:40:11 [x.py:1] failed with error', flush=1)\n"
+        "print('OSError: [Errno 98] Address already in use', file=sys.stderr)\n"
+        "sys.exit(1)\n"
+    )
+    proc = EngineProcess.spawn("crasher", [sys.executable, "-c", script], {}, tmp_path)
+    with pytest.raises(EngineExited) as e:
+        await proc.wait_healthy(Healthy(False), timeout=30)
+    assert e.value.cause == "port in use"
+    assert e.value.returncode == 1
+    assert "model 'crasher': engine exited with exit code 1: port in use" in str(e.value)
+
+
+async def test_wait_healthy(tree: EngineProcess) -> None:
+    assert await tree.wait_healthy(Healthy(True), timeout=5) < 1
+    t0 = time.monotonic()
+    with pytest.raises(EngineStartTimeout, match="did not answer /health within 0.3s"):
+        await tree.wait_healthy(Healthy(False), timeout=0.3, interval=0.1)
+    assert time.monotonic() - t0 < 1
+
+
+async def test_missing_command_is_a_spawn_error(tmp_path: Path) -> None:
+    with pytest.raises(EngineSpawnError, match="cannot execute engine command"):
+        EngineProcess.spawn("x", [str(tmp_path / "no-such-vllm"), "serve"], {}, tmp_path)
+    assert "cannot execute" in (tmp_path / "x.log").read_text()
+
+
+async def test_bad_model_names_cannot_escape_the_log_dir(tmp_path: Path) -> None:
+    with pytest.raises(ValueError):
+        EngineProcess.spawn("../etc", ["true"], {}, tmp_path)
+
+
+# --- adoption -----------------------------------------------------------------------------
+
+
+async def test_adopt_a_live_engine_and_see_it_die(tmp_path: Path) -> None:
+    log_path = tmp_path / "adoptee.log"
+    with open(log_path, "ab") as out:  # an engine from "the previous gpud"
+        old = subprocess.Popen(
+            tree_argv(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        deadline = time.monotonic() + 10
+        while "child up" not in log_path.read_text():
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        start = proc_start_time(old.pid)
+        assert start is not None
+        runtime = tmp_path / "run"
+        rec = EngineRecord("adoptee", old.pid, old.pid, start, 8123, "abc", str(log_path), 1.0)
+        write_record(runtime, rec)
+        got = read_record(runtime, "adoptee")
+        assert got == rec and read_records(runtime) == [rec]
+
+        proc = adopt(got, runtime)
+        assert proc is not None
+        assert (proc.pid, proc.adopted, proc.started_at) == (old.pid, True, 1.0)
+        assert any("leader up" in ln for ln in proc.log_tail())  # backfilled from the file
+        seen = asyncio.get_running_loop().create_future()
+        proc.add_exit_callback(lambda p: seen.set_result(time.monotonic()))
+        t0 = time.monotonic()
+        os.kill(old.pid, signal.SIGKILL)
+        assert await asyncio.wait_for(seen, 2.0) - t0 < 0.5
+        assert await asyncio.wait_for(proc.wait(), 5) is None  # not our child: status unknown
+        assert group_members(old.pid) == []
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(old.pid, signal.SIGKILL)  # only if the test failed early
+        old.wait()
+
+
+async def test_adopt_refuses_a_reused_pid_and_removes_the_record(tmp_path: Path) -> None:
+    me = os.getpid()
+    start = proc_start_time(me)
+    assert start is not None
+    runtime = tmp_path / "run"
+    rec = EngineRecord("stale", me, os.getpgrp(), start - 1, 1, "h", str(tmp_path / "l"), 0.0)
+    write_record(runtime, rec)
+    assert adopt(rec, runtime) is None
+    assert not record_path(runtime, "stale").exists()
+    # gpud's own process group is never adopted (stopping it would kill gpud)
+    rec = EngineRecord("self", me, os.getpgrp(), start, 1, "h", str(tmp_path / "l"), 0.0)
+    assert adopt(rec, runtime) is None
+
+
+async def test_adopt_a_dead_pid(tmp_path: Path) -> None:
+    p = subprocess.Popen(["true"])
+    p.wait()
+    rec = EngineRecord("dead", p.pid, p.pid, 1, 1, "h", str(tmp_path / "l"), 0.0)
+    write_record(tmp_path, rec)
+    assert adopt(rec, tmp_path) is None
+    assert read_record(tmp_path, "dead") is None
+
+
+def test_unreadable_records_are_skipped(tmp_path: Path) -> None:
+    (tmp_path / "bad.json").write_text("{not json")
+    (tmp_path / "old.json").write_text('{"version": 0}')
+    assert read_records(tmp_path) == []
+    assert read_records(tmp_path / "missing") == []
+    remove_record(tmp_path, "nothing-there")
+
+
+# --- ports --------------------------------------------------------------------------------
+
+
+def test_allocate_port_skips_taken_and_bound_ports() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        bound = s.getsockname()[1]
+        lo = bound - 2 if bound > 1026 else bound
+        taken = {lo} if lo != bound else set()
+        port = allocate_port(lo, bound + 3, taken)
+        assert port not in taken and port != bound
+        with pytest.raises(NoFreePort, match=f"no free port in {bound}-{bound}"):
+            allocate_port(bound, bound)
+    with pytest.raises(ValueError):
+        allocate_port(10, 5)
