@@ -69,7 +69,8 @@ def bench_inprocess(dev: cuda.Device, pages: int, rounds: int) -> dict[str, Any]
     handles = [backend.handle(p) for p in range(pages)]
     raw_s: list[int] = []
     gpud_s: list[int] = []
-    for _ in range(rounds):
+
+    def raw_round() -> None:
         # raw: the same pages, the same addresses
         for i, h in enumerate(handles):
             t0 = ns()
@@ -79,6 +80,8 @@ def bench_inprocess(dev: cuda.Device, pages: int, rounds: int) -> dict[str, Any]
             raw_s.append(ns() - t0)
         for i in range(pages):
             raw_ok(d.cuMemUnmap(d.CUdeviceptr(mapper.base_int + i * PAGE), PAGE), "cuMemUnmap")
+
+    def gpud_round() -> None:
         # gpud: ledger grant + map + first access, one page at a time
         for _i in range(pages):
             t0 = ns()
@@ -88,6 +91,11 @@ def bench_inprocess(dev: cuda.Device, pages: int, rounds: int) -> dict[str, Any]
         mapper.unmap_all()
         pool.release_all("t")
         pool.ledger.check()
+
+    for k in range(rounds):
+        # Alternate which side goes first, so neither gains from the other's warm-up.
+        for fn in (raw_round, gpud_round) if k % 2 == 0 else (gpud_round, raw_round):
+            fn()
     mapper.close()
     pool.close()
     raw, ours = med_us(raw_s), med_us(gpud_s)
@@ -192,21 +200,25 @@ def child(sock: str, n: int, rounds: int) -> None:
     dev = cuda.Device(0)
     mapper = cuda.PageMapper(dev, n * PAGE, PAGE)
     e2e: list[int] = []
+    sock_part: list[int] = []
     raw: list[int] = []
     kept: list[int] = []
     for k in range(rounds + 1):
         t0 = ns()
         r = client.grant(n)
+        ts = ns()
         if not kept:
             kept = [os.dup(g.fd) for g in r.pages if g.fd is not None]
         mapper.map_fds([(i * PAGE, g.fd) for i, g in enumerate(r.pages) if g.fd is not None])
         t1 = ns()
         if k:  # the first round warms the socket, the server's code paths and the driver
             e2e.append(t1 - t0)
+            sock_part.append(ts - t0)
         assert len(r.pages) == n, r.reason
         mapper.unmap_all()
         client.give_back([g.page for g in r.pages])
         fds = [os.dup(f) for f in kept]
+        handles = []
         t0 = ns()
         for i, fd in enumerate(fds):
             h = d.cuMemImportFromShareableHandle(fd, dev.fd_type)
@@ -214,7 +226,7 @@ def child(sock: str, n: int, rounds: int) -> None:
             ptr = d.CUdeviceptr(mapper.base_int + i * PAGE)
             raw_ok(d.cuMemMap(ptr, PAGE, 0, h[1], 0), "cuMemMap")
             raw_ok(d.cuMemSetAccess(ptr, PAGE, dev.access, 1), "cuMemSetAccess")
-            raw_ok(d.cuMemRelease(h[1]), "cuMemRelease")
+            handles.append(h[1])
         t1 = ns()
         if k:
             raw.append(t1 - t0)
@@ -222,9 +234,11 @@ def child(sock: str, n: int, rounds: int) -> None:
             os.close(fd)
         for i in range(n):
             raw_ok(d.cuMemUnmap(d.CUdeviceptr(mapper.base_int + i * PAGE), PAGE), "cuMemUnmap")
+        for h in handles:
+            raw_ok(d.cuMemRelease(h), "cuMemRelease")
     mapper.close()
     client.close()
-    print(json.dumps({"e2e_ns": e2e, "raw_ns": raw}), flush=True)
+    print(json.dumps({"e2e_ns": e2e, "raw_ns": raw, "socket_ns": sock_part}), flush=True)
 
 
 def bench_cross_process(n: int, rounds: int, tmp: Path) -> dict[str, Any]:
@@ -258,6 +272,7 @@ def bench_cross_process(n: int, rounds: int, tmp: Path) -> dict[str, Any]:
         "gpud_ms": e2e / 1000,
         "raw_import_map_access_ms": raw / 1000,
         "ratio": e2e / raw,
+        "socket_part_ms": med_us(res["socket_ns"]) / 1000,
         "p90_ms": sorted(res["e2e_ns"])[int(0.9 * len(res["e2e_ns"]))] / 1e6,
         "samples": len(res["e2e_ns"]),
     }

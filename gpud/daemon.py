@@ -26,6 +26,7 @@ from gpud.config.load import DEFAULT_PATH
 from gpud.events import EventBus
 from gpud.reconcile import Reconciler
 from gpud.systemd import Notifier, run_watchdog, status_line
+from gpud.web.memory import memory_status
 
 log = logging.getLogger("gpud.daemon")
 
@@ -197,6 +198,7 @@ class Daemon:
             "config": self.config_status(),
             "models": r.status_models(),
         }
+        out["memory"] = memory_status(self)
         if self.proxy is not None:
             for name, stats in self.proxy.stats().items():
                 for m in out["models"].values():

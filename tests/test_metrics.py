@@ -1,0 +1,196 @@
+"""/metrics: what a Prometheus scraper reads, parsed with prometheus_client's own parser.
+
+Fast: a real daemon object on a real loopback socket, with one model that stays unloaded (no
+engine is ever started) and a schedule; nothing here needs vLLM or a GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+from prometheus_client.parser import text_string_to_metric_families
+
+from gpud.config import load_config
+from gpud.daemon import Daemon
+from gpud.web import metrics as metrics_mod
+
+# The families the issue promises, as the parser names them (counters lose `_total`).
+FAMILIES = {
+    "gpud_model_state": "gauge",
+    "gpud_model_restarts": "counter",
+    "gpud_requests": "counter",
+    "gpud_request_duration_seconds": "histogram",
+    "gpud_time_to_first_token_seconds": "histogram",
+    "gpud_queue_depth": "gauge",
+    "gpud_inflight": "gauge",
+    "gpud_wake_duration_seconds": "histogram",
+    "gpud_load_duration_seconds": "histogram",
+    "gpud_reconcile_duration_seconds": "histogram",
+    "gpud_config_valid": "gauge",
+    "gpud_active_profile": "gauge",
+    "gpud_gpu_memory_bytes": "gauge",
+}
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def write_config(tmp_path: Path, models: str = "") -> Path:
+    path = tmp_path / "gpud.toml"
+    path.write_text(f"""
+[daemon]
+listen = "127.0.0.1:{_port()}"
+state_dir = "{tmp_path / 'state'}"
+runtime_dir = "{tmp_path / 'run'}"
+timezone = "UTC"
+
+[engines.vllm]
+command = ["/nonexistent/vllm", "serve"]
+{models}
+""")
+    return path
+
+
+MODELS = """
+[models.chat]
+source = "/nonexistent/chat"
+state = "unloaded"
+
+[profiles.day]
+chat = "unloaded"
+
+[profiles.night]
+chat = "unloaded"
+
+[[schedule]]
+profile = "day"
+when = "08:00-20:00"
+
+[[schedule]]
+profile = "night"
+when = "otherwise"
+"""
+
+
+@contextlib.asynccontextmanager
+async def serve(path: Path) -> AsyncIterator[tuple[TestClient[web.Request, web.Application],
+                                                   Daemon, metrics_mod.GpudMetrics]]:
+    from gpud.proxy.app import Proxy
+    from gpud.web import api
+
+    daemon = Daemon(load_config(path), path, stop_engines_on_exit=True)
+    app = web.Application()
+    daemon.proxy = Proxy(daemon.reconciler, keys=daemon._keyring())
+    daemon.proxy.install(app)
+    api.install(app, daemon)
+    m = metrics_mod.install(app, daemon)
+    client = TestClient(TestServer(app))
+    await client.start_server()
+    try:
+        yield client, daemon, m
+    finally:
+        await client.close()
+
+
+async def scrape(client: TestClient[web.Request, web.Application]) -> dict[str, object]:
+    resp = await client.get("/metrics")
+    assert resp.status == 200
+    assert resp.headers["Content-Type"].startswith("text/plain")
+    text = await resp.text()
+    return {f.name: f for f in text_string_to_metric_families(text)}
+
+
+async def test_every_family_is_present_with_a_model(tmp_path: Path) -> None:
+    async with serve(write_config(tmp_path, MODELS)) as (client, daemon, m):
+        # The proxy reports through the observer the install handed it.
+        assert daemon.proxy.observer is m.observer
+        m.observer.request_done("chat", "/v1/chat/completions", 200, 0.42, 0.05)
+        m.observer.request_done("", "/v1/chat/completions", 401, 0.001, None)
+        daemon.events.publish("woke", model="chat", level=1, duration=0.3)
+        daemon.events.publish("loaded", model="chat#1", duration=31.5)
+        daemon.reconciler.pass_once()  # feeds the reconcile histogram where it is recorded
+        import asyncio
+
+        await asyncio.sleep(0.05)  # the event follower runs on the loop
+        families = await scrape(client)
+    for name, kind in FAMILIES.items():
+        assert name in families, f"{name} missing from /metrics"
+        assert families[name].type == kind, name  # type: ignore[attr-defined]
+
+    def samples(name: str) -> dict[tuple[tuple[str, str], ...], float]:
+        fam = families[name]
+        return {(s.name, *sorted(s.labels.items())): s.value  # type: ignore[misc]
+                for s in fam.samples}  # type: ignore[attr-defined]
+
+    state = samples("gpud_model_state")
+    assert state[("gpud_model_state", ("model", "chat"), ("state", "unloaded"))] == 1.0
+    assert state[("gpud_model_state", ("model", "chat"), ("state", "awake"))] == 0.0
+    assert samples("gpud_model_restarts")[
+        ("gpud_model_restarts_total", ("model", "chat"))] == 0.0
+    reqs = samples("gpud_requests")
+    assert reqs[("gpud_requests_total", ("code", "200"), ("model", "chat"))] == 1.0
+    assert reqs[("gpud_requests_total", ("code", "401"), ("model", ""))] == 1.0
+    assert samples("gpud_request_duration_seconds")[
+        ("gpud_request_duration_seconds_count", ("model", "chat"))] == 1.0
+    assert samples("gpud_time_to_first_token_seconds")[
+        ("gpud_time_to_first_token_seconds_count", ("model", "chat"))] == 1.0
+    assert samples("gpud_wake_duration_seconds")[
+        ("gpud_wake_duration_seconds_count", ("level", "1"), ("model", "chat"))] == 1.0
+    # Replicas ("chat#1") count under their model.
+    assert samples("gpud_load_duration_seconds")[
+        ("gpud_load_duration_seconds_count", ("model", "chat"))] == 1.0
+    assert samples("gpud_queue_depth")[("gpud_queue_depth", ("model", "chat"))] == 0.0
+    assert samples("gpud_inflight")[("gpud_inflight", ("model", "chat"))] == 0.0
+    assert samples("gpud_config_valid")[("gpud_config_valid",)] == 1.0
+    profiles = samples("gpud_active_profile")
+    assert sorted(v for v in profiles.values()) == [0.0, 1.0]
+    assert ("gpud_reconcile_duration_seconds_count",) in samples("gpud_reconcile_duration_seconds")
+
+
+async def test_families_present_without_models(tmp_path: Path) -> None:
+    """An empty box still describes every family (HELP/TYPE), so dashboards and alerts
+    do not break before the first model is configured."""
+    async with serve(write_config(tmp_path)) as (client, _daemon, _m):
+        families = await scrape(client)
+    missing = set(FAMILIES) - set(families)
+    assert not missing, f"families missing without models: {sorted(missing)}"
+    assert families["gpud_config_valid"].samples[0].value == 1.0  # type: ignore[attr-defined]
+
+
+async def test_a_refused_reload_shows_in_config_valid(tmp_path: Path) -> None:
+    path = write_config(tmp_path, MODELS)
+    async with serve(path) as (client, daemon, _m):
+        path.write_text(path.read_text() + "\n[models.broken]\nstate = 'sideways'\n")
+        result = await daemon.reload(source="test")
+        assert result["valid"] is False
+        families = await scrape(client)
+    assert families["gpud_config_valid"].samples[0].value == 0.0  # type: ignore[attr-defined]
+
+
+async def test_scraping_never_starts_an_engine(tmp_path: Path) -> None:
+    async with serve(write_config(tmp_path, MODELS)) as (client, daemon, _m):
+        for _ in range(3):
+            await scrape(client)
+        assert all(i.proc is None for i in daemon.reconciler.instances.values())
+        assert not daemon.reconciler._tasks
+        assert not daemon.reconciler.demand
+
+
+@pytest.mark.parametrize("kind", ["woke", "loaded"])
+def test_events_without_a_duration_are_ignored(tmp_path: Path, kind: str) -> None:
+    path = write_config(tmp_path, MODELS)
+    daemon = Daemon(load_config(path), path, stop_engines_on_exit=True)
+    m = metrics_mod.GpudMetrics(daemon)
+    m.on_event({"kind": kind, "model": "chat"})
+    m.on_event({"kind": kind, "model": "chat", "duration": "fast"})
+    text = m.registry  # nothing observed: no labelled children
+    assert not list(m.wake._metrics) and not list(m.load._metrics), text
