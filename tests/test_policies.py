@@ -349,13 +349,13 @@ def test_loading_errors_are_reported(policy_dir: Path) -> None:
     write(policy_dir, "notalist", "def decide(view):\n    return 'wake chat'\n")
     write(policy_dir, "junk", "def decide(view):\n    return [('Wake', 'chat')]\n")
     write(policy_dir, "_helper", "raise SystemExit('never loaded')\n")
-    with PolicyRunner(policy_dir, load_timeout=1.0) as runner:
+    with PolicyRunner(policy_dir, load_timeout=0.5) as runner:
         status = by_name(runner.reload())
         assert "_helper" not in status
         assert "loading failed: " in (status["syntax"].error or "")
         assert "SyntaxError" in (status["syntax"].error or "")
         assert "has no decide(view) function" in (status["nodecide"].error or "")
-        assert "loading took longer than 1 s" in (status["slowimport"].error or "")
+        assert "loading took longer than 0.5 s" in (status["slowimport"].error or "")
         status = by_name(runner.evaluate(view(model("chat")))[1])
         assert "its worker process exited with status 3" in (status["exits"].error or "")
         assert "decide() returned 'wake chat' (a str); return a list of intents" in (

@@ -60,12 +60,17 @@ class NotifySocket:
                 out.append(msg)
         return out
 
-    def wait_for(self, key: str, timeout: float = 10.0) -> dict[str, str]:
+    def wait_for(
+        self, key: str, timeout: float = 10.0, proc: subprocess.Popen[bytes] | None = None
+    ) -> dict[str, str]:
+        """The next message with KEY; fails at once if `proc` exits meanwhile."""
         deadline = time.monotonic() + timeout
         while (left := deadline - time.monotonic()) > 0:
-            msg = self.recv(left)
+            msg = self.recv(min(left, 0.25))
             if msg is not None and key in msg:
                 return msg
+            if proc is not None and proc.poll() is not None:
+                raise AssertionError(f"gpud exited ({proc.returncode}) before {key}")
         raise AssertionError(f"no {key} within {timeout}s; got {self.messages[-10:]}")
 
     def close(self) -> None:
@@ -288,8 +293,14 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _config(port: int, state: Path, comment: str = "") -> str:
-    return f'# {comment}\n[daemon]\nlisten = "127.0.0.1:{port}"\nstate_dir = "{state}"\n'
+def _config(port: int, state: Path, runtime: Path, comment: str = "") -> str:
+    return (
+        f"# {comment}\n"
+        "[daemon]\n"
+        f'listen = "127.0.0.1:{port}"\n'
+        f'state_dir = "{state}"\n'
+        f'runtime_dir = "{runtime}"\n'
+    )
 
 
 class Daemon:
@@ -301,6 +312,12 @@ class Daemon:
         with urllib.request.urlopen(url, timeout=5) as r:
             data: dict[str, object] = json.load(r)
             return data
+
+    def post(self, path: str) -> None:
+        req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=b"{}")
+        req.add_header("Content-Type", "application/json")
+        with urllib.request.urlopen(req, timeout=5):
+            pass
 
     def revision(self) -> str:
         config = self.status()["config"]
@@ -318,21 +335,20 @@ def daemon(tmp_path: Path, notify_socket: NotifySocket) -> Iterator[Daemon]:
     state.mkdir()
     config = tmp_path / "etc" / "gpud.toml"
     config.parent.mkdir()
-    config.write_text(_config(port, state, "v1"))
+    config.write_text(_config(port, state, tmp_path / "run", "v1"))
     env = {
         **os.environ,
         **notify_socket.env(WATCHDOG_USEC="1000000"),  # ping every 0.5 s
-        "GPUD_STATE_DIR": str(state),
-        "GPUD_RUNTIME_DIR": str(tmp_path / "run"),
+        "GPUD_TEST_HOOKS": "1",
     }
-    env.pop("JOURNAL_STREAM", None)
+    for key in ("JOURNAL_STREAM", "WATCHDOG_PID", "GPUD_CONFIG", "GPUD_URL"):
+        env.pop(key, None)
     proc = subprocess.Popen(
         [str(GPUD), "run", "--config", str(config)],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
-    env["WATCHDOG_PID"] = str(proc.pid)
     try:
         yield Daemon(proc, port, config)
     finally:
@@ -346,7 +362,7 @@ def test_daemon_ready_status_reload_watchdog_stopping(
     daemon: Daemon, notify_socket: NotifySocket
 ) -> None:
     t0 = time.monotonic()
-    ready = notify_socket.wait_for("READY", timeout=30)
+    ready = notify_socket.wait_for("READY", timeout=30, proc=daemon.proc)
     # READY means it serves: the API answers right away
     assert daemon.status()["config"]
     assert time.monotonic() - t0 < 30
@@ -374,12 +390,25 @@ def test_daemon_ready_status_reload_watchdog_stopping(
     assert daemon.proc.wait(timeout=60) == 0
 
 
-def test_daemon_watchdog_stops_when_loop_blocked(
+def test_daemon_watchdog_stops_when_reconcile_loop_stalls(
     daemon: Daemon, notify_socket: NotifySocket
 ) -> None:
-    """SIGSTOP freezes the whole process: the honest 'blocked loop'. No ping
-    may arrive while it is frozen, and pings resume once it runs again."""
-    notify_socket.wait_for("READY", timeout=30)
+    """The reconcile loop stuck (GPUD_TEST_HOOKS' /api/v1/debug/stall): the pings stop,
+    since they prove the loop, not the process."""
+    notify_socket.wait_for("READY", timeout=30, proc=daemon.proc)
+    assert [m for m in notify_socket.drain(1.5) if "WATCHDOG" in m]
+    daemon.post("/api/v1/debug/stall")
+    notify_socket.drain(1.0)  # a pass up to one interval old may still earn a ping
+    stalled = [m for m in notify_socket.drain(2.0) if "WATCHDOG" in m]
+    assert stalled == []
+    assert daemon.proc.poll() is None  # alive, just not making progress
+
+
+def test_daemon_watchdog_stops_when_process_frozen(
+    daemon: Daemon, notify_socket: NotifySocket
+) -> None:
+    """SIGSTOP freezes the whole process: no ping while frozen, pings resume after."""
+    notify_socket.wait_for("READY", timeout=30, proc=daemon.proc)
     assert [m for m in notify_socket.drain(1.5) if "WATCHDOG" in m]
     daemon.proc.send_signal(signal.SIGSTOP)
     try:

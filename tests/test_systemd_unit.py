@@ -82,6 +82,26 @@ def test_unit_says_what_the_issue_asks() -> None:
     assert int(single["TimeoutStopSec"]) >= 60
 
 
+@pytest.mark.gpu
+def test_device_allow_names_match_this_nvidia_driver() -> None:
+    """DeviceAllow=char-NAME resolves through /proc/devices: a name the driver does not
+    register silently allows nothing. Measured on the lent H100 (driver with CUDA 13):
+    195 nvidia, 195 nvidiactl, 238 nvidia-uvm, 241 nvidia-caps (older drivers: nvidia-frontend).
+    """
+    devices = Path("/proc/devices").read_text()
+    names = {line.split()[1] for line in devices.splitlines() if line[:1].strip().isdigit()}
+    if not any(n.startswith("nvidia") for n in names):
+        pytest.skip("no NVIDIA driver loaded here")
+    allowed = {
+        v.split()[0].removeprefix("char-")
+        for _, k, v in _directives(UNIT.read_text())
+        if k == "DeviceAllow"
+    }
+    assert "nvidia-uvm" in names and "nvidia-uvm" in allowed
+    # the device nodes /dev/nvidiaN and /dev/nvidiactl (major 195) are covered
+    assert {"nvidia", "nvidiactl"} & names & allowed or "nvidia-frontend" in names & allowed
+
+
 @pytest.fixture(scope="module")
 def box() -> Iterator[SystemdBox]:
     reason = unavailable()

@@ -21,23 +21,12 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from gpud.config.engine_args import FORBIDDEN_ARGS, FORBIDDEN_ENV, option_name
 from gpud.config.locate import Locator
 from gpud.config.schema import GpudConfig
 
 DEFAULT_PATH = Path("/etc/gpud/gpud.toml")
 EMBEDDED_DEFAULT = Path(__file__).resolve().parent.parent / "data" / "default.toml"
-
-# Arguments that would take an engine out of gpud's control: gpud sets them itself.
-FORBIDDEN_ARGS = {
-    "--port": "gpud allocates each engine's port (set models.NAME.port to fix one)",
-    "--host": "engines listen on loopback only; gpud's proxy is the public endpoint",
-    "--served-model-name": "gpud names the model after its table (use aliases for more names)",
-    "--enable-sleep-mode": "set [engines.NAME] sleep_mode instead",
-    "--kv-cache-memory-bytes": "set kv_cache, or kv_min/kv_max with the pool",
-    "--gpu-memory-utilization": "set models.NAME.gpu_memory_utilization",
-    "--max-model-len": "set models.NAME.max_model_len",
-}
-
 
 @dataclass(frozen=True)
 class ErrorItem:
@@ -280,10 +269,15 @@ def _cross_check(cfg: GpudConfig, loc: _Located, check_files: bool) -> list[Erro
                     f"alias {alias!r} is already the name or alias of model {other!r}"))
             aliases[alias] = name
         for i, arg in enumerate(model.args):
-            flag = arg.split("=", 1)[0]
+            flag = option_name(arg)
             if flag in FORBIDDEN_ARGS:
                 errors.append(loc.error(("models", name, "args", i),
-                    f"{flag} is not allowed in args: {FORBIDDEN_ARGS[flag]}"))
+                    f"{flag} is not allowed in args: gpud sets it itself "
+                    f"({FORBIDDEN_ARGS[flag]})"))
+        for var in model.env:
+            if var in FORBIDDEN_ENV:
+                errors.append(loc.error(("models", name, "env", var),
+                    f"{var} is not allowed: gpud sets it itself ({FORBIDDEN_ENV[var]})"))
     for profile, entries in cfg.profiles.items():
         for model_name in entries:
             if model_name not in names:

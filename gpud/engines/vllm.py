@@ -30,6 +30,10 @@ SLEEP_STATE_METRIC = "vllm:engine_sleep_state"
 # label value of vllm:engine_sleep_state -> sleep level (0 = awake)
 _SLEEP_LABELS = {"awake": 0, "weights_offloaded": 1, "discard_all": 2}
 
+# --gpu-memory-utilization passed with a KV budget (kv_cache / kv_max) when the model sets
+# none: vLLM then only checks free memory >= this x total at start-up (see build_argv).
+KV_BUDGET_GPU_UTILIZATION = 0.01
+
 
 def build_argv(spec: EngineSpec, port: int, host: str = "127.0.0.1") -> list[str]:
     """The engine's argv: command, source, gpud's options, then the user's args."""
@@ -43,6 +47,14 @@ def build_argv(spec: EngineSpec, port: int, host: str = "127.0.0.1") -> list[str
         argv += ["--kv-cache-memory-bytes", str(spec.kv_cache_bytes)]
     if spec.gpu_memory_utilization is not None:
         argv += ["--gpu-memory-utilization", repr(spec.gpu_memory_utilization)]
+    elif spec.kv_cache_bytes is not None:
+        # With a KV budget vLLM sizes nothing from --gpu-memory-utilization, but its GPU
+        # worker (0.26) still refuses to start unless free memory >= utilization x total
+        # (default 0.92): a second engine on a shared GPU, or one loaded beside running
+        # ones, would fail with "Free memory on device ... is less than desired GPU memory
+        # utilization". Measured on the H100 (bench/gpu): pass a token value so only the
+        # budget counts.
+        argv += ["--gpu-memory-utilization", repr(KV_BUDGET_GPU_UTILIZATION)]
     argv += spec.args
     return argv
 

@@ -63,7 +63,10 @@ class Backend(Protocol):
         ...
 
     async def ready_upstream(self, model: str) -> str:
-        """Base URL (`http://127.0.0.1:18001`) of an engine that serves `model` now.
+        """Base URL of an engine that serves `model` now.
+
+        `http://127.0.0.1:18001`, or `unix:/run/gpud/engines/chat.sock` for an
+        engine started with `--uds` (cheaper per request than loopback TCP).
 
         Returns at once when the model is awake. Otherwise wakes it (asleep) or
         loads it (unloaded with `load_on_demand`), with one wake for many

@@ -313,13 +313,14 @@ class UpstreamResponse:
 
 
 class _HostPool:
-    __slots__ = ("host", "idle", "port", "prefix")
+    __slots__ = ("host", "idle", "path", "port", "prefix")
 
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int, path: str | None = None) -> None:
         self.host = host
         self.port = port
+        self.path = path  # a Unix socket instead of host:port
         self.idle: collections.deque[_Conn] = collections.deque()
-        self.prefix = f"Host: {host}:{port}\r\n".encode()
+        self.prefix = b"Host: localhost\r\n" if path else f"Host: {host}:{port}\r\n".encode()
 
     def put(self, conn: _Conn) -> None:
         conn.idle_since = asyncio.get_running_loop().time()
@@ -333,6 +334,10 @@ class _HostPool:
 class UpstreamClient:
     """Pooled keep-alive connections to engines, keyed by base URL.
 
+    A base URL is `http://HOST:PORT` or `unix:/ABSOLUTE/PATH` (an engine run
+    with `vllm serve --uds PATH`: a Unix socket skips the loopback TCP stack,
+    the largest single cost of a proxied request on small machines).
+
     `keepalive` must stay below the engine's own idle timeout (uvicorn: 5 s),
     so gpud never sends on a socket the engine is closing.
     """
@@ -344,6 +349,8 @@ class UpstreamClient:
 
     def _pool(self, base: str) -> _HostPool:
         pool = self._pools.get(base)
+        if pool is None and base.startswith("unix:/"):
+            pool = self._pools[base] = _HostPool("localhost", 0, base.removeprefix("unix:"))
         if pool is None:
             rest = base.removeprefix("http://").rstrip("/")
             if "/" in rest or base.startswith("https://"):
@@ -362,7 +369,10 @@ class UpstreamClient:
                 return conn
             conn.abort()
         async with asyncio.timeout(self.connect_timeout):
-            _, proto = await loop.create_connection(lambda: _Conn(pool), pool.host, pool.port)
+            if pool.path is not None:
+                _, proto = await loop.create_unix_connection(lambda: _Conn(pool), pool.path)
+            else:
+                _, proto = await loop.create_connection(lambda: _Conn(pool), pool.host, pool.port)
         return proto
 
     async def post(

@@ -126,8 +126,8 @@ async def model_logs(request: web.Request) -> web.Response:
 async def model_action(request: web.Request) -> web.Response:
     d = _daemon(request)
     name, verb = request.match_info["name"], request.match_info["verb"]
-    if verb not in VERBS:
-        return error(404, f"unknown action {verb!r}; use sleep, wake, load or unload")
+    if verb not in VERBS and verb != "move":
+        return error(404, f"unknown action {verb!r}; use sleep, wake, load, unload or move")
     if name not in d.reconciler.config.models:
         known = ", ".join(d.reconciler.config.models) or "none"
         return error(404, f"no model {name!r}; known: {known}", "model_not_found")
@@ -135,6 +135,13 @@ async def model_action(request: web.Request) -> web.Response:
     until = _until(body, d)
     if isinstance(until, web.Response):
         return until
+    if verb == "move":
+        gpu = body.get("gpu")
+        if not isinstance(gpu, int) or isinstance(gpu, bool) or gpu < 0:
+            return error(400, "'gpu' must be a GPU index (an integer >= 0)")
+        d.reconciler.set_override(name, None, until, f"moved to GPU {gpu} by an operator",
+                                  gpu=gpu)
+        return web.json_response({"ok": True, "message": f"{name}: moving to GPU {gpu}"})
     level = body.get("level")
     if level not in (None, 1, 2):
         return error(400, "level must be 1 or 2")
@@ -228,6 +235,20 @@ async def debug_stall(request: web.Request) -> web.Response:
     return web.json_response({"ok": True})
 
 
+async def debug_clock(request: web.Request) -> web.Response:
+    """Test hook (GPUD_TEST_HOOKS=1 only): set the daemon's clock; it runs on from there."""
+    d = _daemon(request)
+    body = await _json_body(request)
+    try:
+        at = datetime.fromisoformat(str(body.get("now")))
+    except ValueError:
+        return error(400, "'now' must be an ISO 8601 instant with an offset")
+    if at.tzinfo is None:
+        return error(400, "'now' needs an offset")
+    d.set_clock(at)
+    return web.json_response({"ok": True, "now": d.reconciler.now().isoformat()})
+
+
 def install(app: web.Application, daemon: Daemon, *, test_hooks: bool = False) -> None:
     app[DAEMON_KEY] = daemon
     app.middlewares.append(admin_writes)
@@ -247,3 +268,4 @@ def install(app: web.Application, daemon: Daemon, *, test_hooks: bool = False) -
     r.add_get("/api/v1/events", events)
     if test_hooks:
         r.add_post("/api/v1/debug/stall", debug_stall)
+        r.add_post("/api/v1/debug/clock", debug_clock)

@@ -13,10 +13,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import html
-import json
 import socket
 from collections.abc import Iterable
-from datetime import datetime, time, timedelta
+from datetime import datetime, time, timedelta, tzinfo
 from pathlib import Path
 from string import Template
 from typing import TYPE_CHECKING, Any
@@ -102,7 +101,8 @@ def describe_event(e: dict[str, Any]) -> str:
         return f"healthy after {dur}s"
     if kind == "config":
         if e.get("valid"):
-            return f"reloaded ({e.get('source')}): revision {e.get('previous')} → {e.get('revision')}"
+            return (f"reloaded ({e.get('source')}): revision {e.get('previous')} → "
+                    f"{e.get('revision')}")
         return f"reload refused ({e.get('source')}): {e.get('error')}"
     if kind == "profile":
         return f"profile {e.get('profile') or '(schedule)'} · {e.get('reason', '')}"
@@ -175,22 +175,32 @@ def _model_row(key: str, m: dict[str, Any], colour: str, mem: int | None, admin:
              else "")
     up = human_duration(m.get("uptime_seconds")) if m.get("uptime_seconds") is not None else "–"
     flight = f"{m.get('inflight', 0)} / {m.get('queued', 0)}"
+    sub = [where]
+    if m.get("port"):
+        sub.append(f"port {m['port']}")
+    if m.get("restarts"):
+        sub.append(f"{m['restarts']} restarts")
     cells = [
-        f'<td data-label="Model" class="name"><span class="dot" style="background:{colour}">'
-        f'</span><strong>{esc(key)}</strong><div class="sub">{esc(where)}'
-        f'{" · port " + esc(m["port"]) if m.get("port") else ""}'
-        f'{" · " + esc(m["restarts"]) + " restarts" if m.get("restarts") else ""}</div></td>',
-        f'<td data-label="State" class="st">{_state_pill(state)}{goal}</td>',
-        f'<td data-label="Why" class="reason">{esc(m.get("reason"))}{layer}{error}</td>',
-        f'<td data-label="Up" class="up" title="state since {esc(m.get("state_since"))}">'
-        f'{esc(up)}</td>',
-        f'<td data-label="In flight" class="flight" title="in flight / queued">{esc(flight)}</td>',
-        f'<td data-label="Memory" class="mem">{esc(human_bytes(mem) if mem else "–")}</td>',
+        _cell("Model", "name",
+              f'<span class="dot" style="background:{colour}"></span><strong>{esc(key)}</strong>'
+              f'<div class="sub">{esc(" · ".join(sub))}</div>'),
+        _cell("State", "st", f"{_state_pill(state)}{goal}"),
+        _cell("Why", "reason", f"{esc(m.get('reason'))}{layer}{error}"),
+        _cell("Up", "up", esc(up), f"state since {m.get('state_since') or ''}"),
+        _cell("In flight", "flight", esc(flight), "in flight / queued"),
+        _cell("Memory", "mem", esc(human_bytes(mem) if mem else "–")),
     ]
     if admin:
-        cells.append(f'<td data-label="Actions" class="actions">{_buttons(m, state)}</td>')
+        cells.append(_cell("Actions", "actions", _buttons(m, state)))
     return (f'<tr data-key="{esc(key)}" data-model="{esc(m.get("model", key))}" '
             f'class="row-{esc(state)}">{"".join(cells)}</tr>')
+
+
+def _cell(label: str, cls: str, inner: str, title: str | None = None) -> str:
+    """A table cell; its content sits in one <div> so that the phone layout (a label and a
+    value per line) keeps pills, notes and buttons together."""
+    t = f' title="{esc(title)}"' if title else ""
+    return f'<td data-label="{esc(label)}" class="{cls}"{t}><div class="v">{inner}</div></td>'
 
 
 def _buttons(m: dict[str, Any], state: str) -> str:
@@ -288,7 +298,8 @@ def render_schedule(daemon: Daemon, status: dict[str, Any]) -> str:
              f'{esc(sched.get("source") or "")}</span></p>']
     if forced:
         until = forced.get("until")
-        lines.append(f'<p class="forced">Forced by an operator{" until " + esc(until[11:16]) if until else ""}'
+        until_text = f" until {esc(until[11:16])}" if until else ""
+        lines.append(f'<p class="forced">Forced by an operator{until_text}'
                      f' · {esc(forced.get("reason"))}. <code>gpud profile --auto</code> '
                      'returns to the schedule.</p>')
     if nb:
@@ -327,12 +338,12 @@ def render_schedule(daemon: Daemon, status: dict[str, Any]) -> str:
             + f'<p class="sub tz">Today, {esc(now.strftime("%a %d %b"))} ({esc(tzname)}).</p>')
 
 
-def render_events(events: list[dict[str, Any]]) -> str:
+def render_events(events: list[dict[str, Any]], tz: tzinfo | None) -> str:
     if not events:
         return '<ol class="events"><li class="empty">No events yet.</li></ol>'
     items = []
     for e in reversed(events):
-        t = datetime.fromtimestamp(float(e.get("time", 0))).strftime("%H:%M:%S")
+        t = datetime.fromtimestamp(float(e.get("time", 0)), tz).strftime("%H:%M:%S")
         bad = e.get("kind") in ("failed", "crashed") or e.get("ok") is False \
             or e.get("valid") is False
         items.append(
@@ -351,7 +362,7 @@ def render_logs(daemon: Daemon, status: dict[str, Any], selected: str | None) ->
         f'<a href="/?log={esc(k)}#logs" data-log="{esc(k)}" '
         f'class="tab{" on" if k == selected else ""}">{esc(k)}</a>' for k in keys)
     body = "Pick a model to see the tail of its engine's log."
-    if selected in keys:
+    if selected is not None and selected in keys:
         inst = daemon.reconciler.instances.get(selected)
         lines = (inst.proc.log_tail(LOG_LINES) if inst is not None and inst.proc is not None
                  else daemon.log_file_tail(selected, LOG_LINES))
@@ -405,9 +416,9 @@ class Page:
             memory=render_memory(status),
             models=render_models(status, admin),
             schedule=render_schedule(d, status),
-            events=render_events(events),
+            events=render_events(events, d.reconciler.now().tzinfo),
+            tz=esc(_zone_name(d)),
             logs=render_logs(d, status, selected),
-            initial=esc(json.dumps({"admin": admin})),
         )
         return web.Response(text=body, content_type="text/html", charset="utf-8",
                             headers={"Cache-Control": "no-cache",
@@ -419,6 +430,12 @@ class Page:
 # Inline styles are used for computed widths and colours only; no inline script.
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
        "img-src 'self' data:; connect-src 'self'; frame-ancestors 'none'; form-action 'self'")
+
+
+def _zone_name(d: Daemon) -> str:
+    """The IANA name of the schedule's zone, for the browser to show the same wall clock."""
+    tz = d.reconciler.now().tzinfo
+    return str(getattr(tz, "key", "") or "UTC")
 
 
 async def _status(d: Daemon) -> dict[str, Any]:
