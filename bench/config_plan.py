@@ -13,7 +13,7 @@ import sys
 import tempfile
 import time
 import tomllib
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,8 +40,8 @@ def make_file(models: int = 50, profiles: int = 10) -> str:
                             for i in range(0, models, 2))
         lines.append(f"[profiles.p{p}]\n" + entries.replace(", ", "\n") + "\n")
     for p in range(profiles - 1):
-        lines.append(f'[[schedule]]\nprofile = "p{p}"\nwhen = "mon-sun {p*2:02d}:00-{p*2+2:02d}:00"\n'
-                     f'prewake = "60s"\n')
+        window = f"mon-sun {p*2:02d}:00-{p*2+2:02d}:00"
+        lines.append(f'[[schedule]]\nprofile = "p{p}"\nwhen = "{window}"\nprewake = "60s"\n')
     lines.append('[[schedule]]\nprofile = "p9"\nwhen = "otherwise"\n')
     return "\n".join(lines)
 
@@ -62,7 +62,7 @@ def main() -> None:
             cfg = load_config(path).config
             sched = Schedule([ScheduleEntry(e.profile, e.when, e.prewake, e.priority)
                               for e in cfg.schedule], zone_of(cfg))
-            now = datetime.now(timezone.utc).astimezone(zone_of(cfg))
+            now = datetime.now(UTC).astimezone(zone_of(cfg))
             desired = effective(cfg, Layers(profile=sched.active_profile(now)), now)
             result = plan(desired, observed)
             times.append(time.perf_counter() - t0)

@@ -39,6 +39,12 @@ def events(g: Gpud) -> list[dict[str, object]]:
                 if line.startswith("data: ")]
 
 
+def first_action(g: Gpud, after: int) -> dict[str, object] | None:
+    """The first `action_started` event for model `a` after event number `after`."""
+    return next((e for e in events(g) if int(str(e["seq"])) > after
+                 and e["kind"] == "action_started" and e.get("model") == "a"), None)
+
+
 def rss_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -68,24 +74,20 @@ def main() -> None:
             file_lat, api_lat = [], []
             for i in range(EDITS):
                 target = "asleep" if i % 2 == 0 else "awake"
-                seen = max((int(e["seq"]) for e in events(g)), default=0)  # type: ignore[call-overload]
+                seen = max((int(str(e["seq"])) for e in events(g)), default=0)
                 t0 = time.time()
                 write({**states, "a": target})
-                ev = wait_for(lambda: next((e for e in events(g) if int(e["seq"]) > seen  # type: ignore[call-overload]
-                                            and e["kind"] == "action_started"
-                                            and e.get("model") == "a"), None), 10, "the action")
+                ev = wait_for(lambda seen=seen: first_action(g, seen), 10, "the action")
                 file_lat.append(float(ev["time"]) - t0)
                 g.wait_states({"a": target}, timeout=30)
             write(states)
             g.wait_states(states, timeout=30)
             for i in range(EDITS):
                 verb = "sleep" if i % 2 == 0 else "wake"
-                seen = max(int(e["seq"]) for e in events(g))  # type: ignore[call-overload]
+                seen = max(int(str(e["seq"])) for e in events(g))
                 t0 = time.time()
                 g.request("POST", f"/api/v1/models/a/{verb}", {})
-                ev = wait_for(lambda: next((e for e in events(g) if int(e["seq"]) > seen  # type: ignore[call-overload]
-                                            and e["kind"] == "action_started"
-                                            and e.get("model") == "a"), None), 10, "the action")
+                ev = wait_for(lambda seen=seen: first_action(g, seen), 10, "the action")
                 api_lat.append(float(ev["time"]) - t0)
                 g.wait_states({"a": "asleep" if verb == "sleep" else "awake"}, timeout=30)
             assert g.proc is not None

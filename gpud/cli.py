@@ -7,8 +7,10 @@ object with `--json`. Exit codes: 0 success, 1 refused or invalid, 2 usage or ca
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import re
 import sys
 import urllib.error
 import urllib.request
@@ -17,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from gpud import __version__
-from gpud.config import ConfigError, LoadedConfig, load_config, zone_of
+from gpud.config import DEFAULT_PATH, ConfigError, LoadedConfig, load_config, zone_of
 
 
 def _config_path(arg: str | None) -> Path | None:
@@ -94,18 +96,18 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(f"--observed: not a JSON object of MODEL: STATE ({exc})", file=sys.stderr)
         return 2
     result = plan(desired, observed)
-    data: dict[str, Any] = {
+    out: dict[str, Any] = {
         "profile": profile,
         "desired": {k: d.state for k, d in desired.items()},
         "reasons": {k: d.reason for k, d in desired.items()},
         "actions": [a.to_json() for a in result.actions],
     }
     if cfg.schedule:
-        data["at"] = now.isoformat()
-        data["next_boundary"] = (
+        out["at"] = now.isoformat()
+        out["next_boundary"] = (
             {"at": boundary.at.isoformat(), "profile": boundary.profile} if boundary else None
         )
-    _print_plan(data, args.json)
+    _print_plan(out, args.json)
     return 0
 
 
@@ -141,7 +143,14 @@ def _base_url(args: argparse.Namespace) -> str:
         cfg = load_config(_config_path(getattr(args, "config", None))).config
         host, port = cfg.daemon.host, cfg.daemon.port
     except ConfigError:
+        # The file is being edited and invalid right now (`reload --wait` after a bad edit):
+        # the daemon still listens where the file's listen line says, valid or not.
         host, port = "127.0.0.1", 8080
+        path = _config_path(getattr(args, "config", None)) or DEFAULT_PATH
+        with contextlib.suppress(OSError):
+            found = re.search(r'^\s*listen\s*=\s*"([^"]+):(\d+)"', path.read_text(), re.M)
+            if found:
+                host, port = found.group(1).strip("[]"), int(found.group(2))
     if host in ("0.0.0.0", "::", ""):
         host = "127.0.0.1"
     if ":" in host:
@@ -232,6 +241,11 @@ def cmd_model_action(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_auto(args: argparse.Namespace) -> int:
+    print(_api("DELETE", f"/api/v1/models/{args.model}/override", args).get("message", "ok"))
+    return 0
+
+
 def cmd_move(args: argparse.Namespace) -> int:
     body: dict[str, Any] = {"gpu": args.gpu}
     if args.for_:
@@ -287,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", default=argparse.SUPPRESS,
                    help="config file (default /etc/gpud/gpud.toml or GPUD_CONFIG)")
     s.add_argument("--stop-engines-on-exit", action=argparse.BooleanOptionalAction, default=None,
-                   help="stop engines on a clean exit (default: yes interactively, no under systemd)")
+                   help="stop engines on a clean stop (default yes; a crash never stops them)")
     s.set_defaults(func=cmd_run)
 
     s = sub.add_parser("check", help="validate a config file (exit 0 valid, 1 invalid)")
@@ -316,6 +330,10 @@ def build_parser() -> argparse.ArgumentParser:
         if verb == "sleep":
             s.add_argument("--level", type=int, choices=(1, 2))
         s.set_defaults(func=cmd_model_action, verb=verb)
+
+    s = sub.add_parser("auto", help="drop a model's manual override (back to file/schedule)")
+    s.add_argument("model")
+    s.set_defaults(func=cmd_auto)
 
     s = sub.add_parser("move", help="move a model to another GPU without downtime")
     s.add_argument("model")

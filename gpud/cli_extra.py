@@ -178,7 +178,7 @@ def _print_event(event: dict[str, Any], as_json: bool) -> None:
 
     at = datetime.fromtimestamp(float(event.get("time", 0))).strftime("%H:%M:%S")
     model = event.get("model") or ""
-    print(f"{at}  {event.get('kind', ''):<9} {model:<16} {describe_event(event)}".rstrip())
+    print(f"{at}  {event.get('kind', ''):<14} {model:<16} {describe_event(event)}".rstrip())
 
 
 def _stream(args: argparse.Namespace, since: int, timeout: float | None) -> Any:

@@ -62,8 +62,10 @@ class Daemon:
         if stop_engines_on_exit is None:
             stop_engines_on_exit = cfg.daemon.stop_engines_on_exit
         if stop_engines_on_exit is None:
-            # Under systemd a restart must not cost minutes of model loading.
-            stop_engines_on_exit = not (self.notifier.enabled or os.environ.get("INVOCATION_ID"))
+            # A clean stop (SIGTERM: Ctrl-C, `systemctl stop`) takes the engines down; a crash,
+            # a watchdog kill or kill -9 leaves them running and the next gpud adopts them.
+            # `stop_engines_on_exit = false` keeps them across `systemctl restart` (upgrades).
+            stop_engines_on_exit = True
         self.stop_engines_on_exit = stop_engines_on_exit
         self.clock_offset = _test_clock_offset()
         self.reconciler = Reconciler(loaded, self.events, state_dir=self.state_dir,
@@ -298,6 +300,9 @@ class Daemon:
 
         self.proxy = Proxy(self.reconciler, keys=self._keyring())
         self.proxy.install(app)
+        from gpud.web import metrics
+
+        metrics.install(app, self)
         api.install(app, self, test_hooks=os.environ.get("GPUD_TEST_HOOKS") == "1")
         with contextlib.suppress(ImportError):
             from gpud.web import page
@@ -359,7 +364,7 @@ class Daemon:
             self.kvpool = build_server(self.loaded.config, self.runtime_dir, self._allow_peer)
             if self.kvpool is not None:
                 await self.kvpool.start()
-        except Exception as exc:  # noqa: BLE001 - the pool is optional; engines still run
+        except Exception as exc:
             log.error("KV pool not started: %s", exc)
             self.kvpool = None
 
@@ -455,8 +460,11 @@ def load_initial(path: Path | None) -> LoadedConfig:
 
 
 def run_daemon(path: Path | None, *, stop_engines_on_exit: bool | None = None) -> int:
+    import faulthandler
+
     from gpud.logs import setup_logging
 
+    faulthandler.enable()  # a watchdog SIGABRT prints the stuck stack to the journal
     setup_logging(os.environ.get("GPUD_LOG_LEVEL", "info").upper())
     loaded = load_initial(path)
     logging.getLogger().setLevel(loaded.config.daemon.log_level.upper())

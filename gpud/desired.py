@@ -99,7 +99,8 @@ def effective(cfg: GpudConfig, layers: Layers, now: datetime) -> dict[str, Desir
     out: dict[str, DesiredModel] = {}
     profile_entries = cfg.profiles.get(layers.profile or "", {})
     for name, m in cfg.models.items():
-        state, replicas = m.state, m.replicas
+        state: str = m.state
+        replicas = m.replicas
         reason, layer = f"file says {m.state}", "file"
         gpu_override: int | None = None
         entry = profile_entries.get(name)

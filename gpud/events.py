@@ -7,6 +7,7 @@ recent history first. Never blocks the publisher: a slow subscriber loses events
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import deque
 from typing import Any
@@ -23,10 +24,9 @@ class EventBus:
         event = {"seq": self._seq, "time": time.time(), "kind": kind, **fields}
         self._history.append(event)
         for queue in list(self._subscribers):
-            try:
+            # A stalled client misses events; it resyncs from status.
+            with contextlib.suppress(asyncio.QueueFull):
                 queue.put_nowait(event)
-            except asyncio.QueueFull:
-                pass  # a stalled client misses events; it resyncs from status
         return event
 
     def history(self, limit: int | None = None) -> list[dict[str, Any]]:

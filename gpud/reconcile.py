@@ -118,6 +118,7 @@ class Reconciler:
         self.demand: dict[str, float] = {}
         self.traffic: dict[str, ModelTraffic] = {}
         self.last_pass: float = 0.0
+        self.last_pass_seconds: float | None = None
         self.pass_count = 0
         self.last_plan: Plan = Plan()
         self.stalled = False  # set by tests/admin to prove the watchdog watches the loop
@@ -197,7 +198,8 @@ class Reconciler:
             if idle is not None and idle >= m.idle_sleep_after.total_seconds():
                 d = base.get(name)
                 if d and d.state == "awake":
-                    intents[name] = Intent("asleep", f"idle for {format_duration(m.idle_sleep_after)}")
+                    idle_for = format_duration(m.idle_sleep_after)
+                    intents[name] = Intent("asleep", f"idle for {idle_for}")
         # Pre-wake: models the coming profile wants awake wake `prewake` before the boundary.
         boundary = self.next_boundary(now) if self.forced_profile is None else None
         if boundary and boundary.prewake and now >= boundary.at - boundary.prewake:
@@ -274,6 +276,7 @@ class Reconciler:
         return out
 
     def pass_once(self) -> Plan:
+        t_pass = time.monotonic()
         now = self.now()
         profile, why = self.active_profile(now)
         if profile != self.last_profile:
@@ -307,14 +310,14 @@ class Reconciler:
             task = asyncio.create_task(self._run_chain(inst, actions, desired.get(key)))
             self._tasks[key] = task
         for key, inst in self.instances.items():
-            d = desired.get(key)
-            if d is not None and key not in self._tasks and inst.state in ("awake", "asleep"):
-                if inst.state == d.state:
-                    inst.reason = d.reason
+            want = desired.get(key)
+            if want is not None and key not in self._tasks and inst.state == want.state:
+                inst.reason = want.reason
         for key in [k for k, i in self.instances.items()
                     if k not in desired and i.state == "unloaded" and k not in self._tasks]:
             del self.instances[key]
         self.last_pass = time.monotonic()
+        self.last_pass_seconds = self.last_pass - t_pass
         self.pass_count += 1
         for hook in self.on_pass:
             hook()
@@ -344,7 +347,8 @@ class Reconciler:
             self._tasks.pop(inst.key, None)
             self.trigger()
 
-    def _gpu_lock(self, inst: Instance, d: DesiredModel | None) -> contextlib.AbstractAsyncContextManager[Any]:
+    def _gpu_lock(self, inst: Instance,
+                  d: DesiredModel | None) -> contextlib.AbstractAsyncContextManager[Any]:
         # Loads on one GPU wait for each other while vLLM measures free memory to size its
         # KV cache; a model with an explicit KV budget skips that profiling and may overlap.
         if inst.gpu is None or d is None:
@@ -438,7 +442,7 @@ class Reconciler:
         except EngineExited:
             return False  # the exit callback has recorded the cause and scheduled a retry
         except EngineStartTimeout:
-            cause, detail = proc.crash_cause()
+            _, detail = proc.crash_cause()
             inst.expect_exit = True
             await proc.stop(engine.stop_timeout.total_seconds())
             self._failed_start(inst, f"not healthy within "
@@ -638,6 +642,7 @@ class Reconciler:
 
         async def one(inst: Instance) -> None:
             assert inst.client is not None
+            asked_at = time.time()
             try:
                 sleeping = await asyncio.wait_for(inst.client.is_sleeping(), 5.0)
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
@@ -651,8 +656,8 @@ class Reconciler:
                     inst.proc.kill()
                 return
             inst.health_failures = 0
-            if inst.key in self._tasks:
-                return
+            if inst.key in self._tasks or inst.state_since >= asked_at:
+                return  # an action changed it while we asked: the answer is stale
             actual = "asleep" if sleeping else "awake"
             if actual != inst.state:
                 log.warning("%s: engine says %s, gpud thought %s", inst.key, actual, inst.state)
@@ -730,6 +735,11 @@ class Reconciler:
                 inst.spec_hash = None
         self.events.publish("override", model=model, state=state, reason=reason,
                             until=until.isoformat() if until else None)
+        self.trigger()
+
+    def clear_override(self, model: str) -> None:
+        if self.overrides.pop(model, None) is not None:
+            self.events.publish("override", model=model, state=None, reason="override cleared")
         self.trigger()
 
     # --- policies ---------------------------------------------------------------------------
@@ -862,10 +872,11 @@ class Reconciler:
         self.trigger()
         while not self._serving(model):
             insts = [i for i in self.instances.values() if i.model == model]
-            waiters = [i.changed.wait() for i in insts] or [asyncio.sleep(0.05)]
-            done, pending = await asyncio.wait(
-                [asyncio.ensure_future(w) for w in waiters], timeout=1.0,
-                return_when=asyncio.FIRST_COMPLETED)
+            waiters: list[asyncio.Future[Any]] = [
+                asyncio.ensure_future(i.changed.wait()) for i in insts
+            ] or [asyncio.ensure_future(asyncio.sleep(0.05))]
+            _, pending = await asyncio.wait(waiters, timeout=1.0,
+                                            return_when=asyncio.FIRST_COMPLETED)
             for p in pending:
                 p.cancel()
             failed = [i for i in insts if i.state == "failed"]

@@ -13,9 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from gpudproc import Gpud, free_port
-
 from engine_fixtures import VLLM_PYTHON
+from gpudproc import Gpud, free_port
 
 ENGINE_COMMAND = [str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model"]
 

@@ -65,7 +65,9 @@ def test_dropins_merge_in_name_order_and_conflicts_are_errors(tmp_path: Path) ->
     assert "gpud.toml" in msg
 
 
-def test_env_overrides_daemon_settings_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_env_overrides_daemon_settings_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     path = tmp_path / "gpud.toml"
     path.write_text('[daemon]\nlisten = "127.0.0.1:8080"\n')
     monkeypatch.setenv("GPUD_LISTEN", "127.0.0.1:9999")

@@ -65,7 +65,8 @@ def test_embeddings_pass_the_engines_own_answer(box: Box) -> None:
 
 def test_unknown_model_is_a_404_listing_known_names(box: Box) -> None:
     with pytest.raises(openai.NotFoundError) as err:
-        client(box).chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
+        client(box).chat.completions.create(
+            model="nope", messages=[{"role": "user", "content": "x"}])
     assert "chat" in str(err.value) and "batch" in str(err.value)
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -12,7 +12,7 @@ from gpud.desired import DesiredModel, Layers, Override, effective
 from gpud.plan import ORDER, ObservedModel, apply, plan
 
 NAMES = ["a", "b", "c", "d", "e"]
-NOW = datetime(2026, 11, 23, 12, 0, tzinfo=timezone.utc)
+NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
 
 
 def desired_st() -> st.SearchStrategy[dict[str, DesiredModel]]:

@@ -144,7 +144,7 @@ def make_upstream_app(up: Upstream) -> web.Application:
         up.seen.append(body)
         return web.json_response({"count": 2, "max_model_len": 128, "tokens": [1, 2]})
 
-    app = web.Application()
+    app = web.Application(client_max_size=64 << 20)
     app.router.add_post("/v1/chat/completions", chat)
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/embeddings", embeddings)
@@ -174,6 +174,7 @@ class FakeBackend:
         self.wakes: SingleFlight[str, str] = SingleFlight()
         self.started: dict[str, int] = {}
         self.finished: dict[str, int] = {}
+        self.released: dict[str, int] = {}
 
     def routes(self) -> Mapping[str, ModelRoute]:
         return self._routes
@@ -192,6 +193,10 @@ class FakeBackend:
         await asyncio.sleep(self.wake_delay)
         self.awake[model] = True
         return self.upstream
+
+    def upstream_released(self, model: str, base: str) -> None:
+        assert base == self.upstream
+        self.released[model] = self.released.get(model, 0) + 1
 
     def request_started(self, model: str) -> None:
         self.started[model] = self.started.get(model, 0) + 1
@@ -266,6 +271,12 @@ async def test_routes_by_model_and_relays_the_body_byte_for_byte(env: Env) -> No
     assert await r.read() == CHAT_BODY % b"chat"
     assert r.headers["X-Request-Id"] == "r1"
     assert env.up.seen[-1]["model"] == "chat"
+
+
+async def test_a_long_prompt_passes(env: Env) -> None:
+    r = await env.post("/v1/completions", {"model": "chat", "prompt": "x" * (3 << 20)})
+    assert r.status == 200  # beyond aiohttp's default 1 MiB body limit
+    assert len(env.up.seen[-1]["prompt"]) == 3 << 20
 
 
 async def test_alias_routes_to_the_model(env: Env) -> None:
@@ -355,6 +366,25 @@ async def test_client_disconnect_cancels_the_upstream_request(env: Env) -> None:
     await asyncio.wait_for(env.up.cancelled.wait(), 3)
     await wait_until(lambda: env.up.running == 0 and env.proxy.stats()["chat"]["inflight"] == 0)
     assert env.backend.started["chat"] == env.backend.finished["chat"] == 1
+    assert env.backend.released["chat"] == 1
+    await wait_until(lambda: bool(env.observer.done))
+    assert env.observer.done[-1][2] == 499  # the client closed the request
+
+
+async def test_disconnect_is_found_without_aiohttp_handler_cancellation(env: Env) -> None:
+    proxy = Proxy(env.backend, disconnect_check=0.05)
+    runner = web.AppRunner(proxy.make_app(), handler_cancellation=False)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    r = await env.http.post(
+        url + "/v1/chat/completions", json=chat_body("chat", stream=True, chunks=5, hold=1)
+    )
+    await r.content.readuntil(b"\n\n")
+    r.close()
+    await asyncio.wait_for(env.up.cancelled.wait(), 3)
+    await wait_until(lambda: proxy.stats()["chat"]["inflight"] == 0)
+    await runner.cleanup()
 
 
 async def test_client_disconnect_while_waiting_for_a_whole_body(env: Env) -> None:
@@ -452,6 +482,7 @@ async def test_request_to_an_asleep_model_wakes_it_once_for_twenty(env: Env) -> 
     assert [r.status for r in rs] == [200] * 20
     assert env.backend.wakes.started == 1
     assert env.backend.started["sleepy"] == env.backend.finished["sleepy"] == 20
+    assert env.backend.released["sleepy"] == 20
 
 
 async def test_wake_past_request_timeout_is_503_and_the_wake_goes_on(env: Env) -> None:
@@ -654,3 +685,20 @@ async def test_upstream_client_parses_split_chunked_and_sized_bodies_and_reuses_
     client.close()
     server.close()
     await server.wait_closed()
+
+
+async def test_engine_on_a_unix_socket(tmp_path: Path) -> None:
+    up = Upstream()
+    runner = web.AppRunner(make_upstream_app(up), handler_cancellation=True)
+    await runner.setup()
+    sock = tmp_path / "engine.sock"
+    await web.UnixSite(runner, str(sock)).start()
+    backend = FakeBackend(f"unix:{sock}", ROUTES)
+    proxy = Proxy(backend)
+    prunner, url = await serve(proxy.make_app())
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+    comp = await client.completions.create(model="chat", prompt="hello")
+    assert comp.choices[0].text == " world"
+    await client.close()
+    await prunner.cleanup()
+    await runner.cleanup()

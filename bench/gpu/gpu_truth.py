@@ -40,7 +40,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import threading
 import time
 import traceback
 import urllib.error

@@ -248,7 +248,8 @@ def _cross_check(cfg: GpudConfig, loc: _Located, check_files: bool) -> list[Erro
     for name, model in cfg.models.items():
         if model.engine not in cfg.engines:
             errors.append(loc.error(("models", name, "engine"),
-                f"engine {model.engine!r} is not defined; defined: {', '.join(sorted(cfg.engines))}"))
+                f"engine {model.engine!r} is not defined; "
+                f"defined: {', '.join(sorted(cfg.engines))}"))
         if model.port is not None:
             if model.port in ports:
                 errors.append(loc.error(("models", name, "port"),
@@ -305,17 +306,17 @@ def _cross_check(cfg: GpudConfig, loc: _Located, check_files: bool) -> list[Erro
                 errors.append(loc.error(("auth", "keys", i, "models"),
                     f"model {m!r} is not defined under [models]"))
         if check_files and key.key_file is not None:
-            problem = secret_file_problem(key.key_file)
-            if problem:
-                errors.append(loc.error(("auth", "keys", i, "key_file"), problem))
+            key_problem = secret_file_problem(key.key_file)
+            if key_problem:
+                errors.append(loc.error(("auth", "keys", i, "key_file"), key_problem))
     for path_loc, path in (
         (("auth", "admin_token_file"), cfg.auth.admin_token_file),
         (("daemon", "admin_token_file"), cfg.daemon.admin_token_file),
     ):
         if check_files and path is not None:
-            problem = secret_file_problem(path)
-            if problem:
-                errors.append(loc.error(path_loc, problem))
+            file_problem = secret_file_problem(path)
+            if file_problem:
+                errors.append(loc.error(path_loc, file_problem))
     return errors
 
 

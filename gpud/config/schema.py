@@ -69,7 +69,8 @@ class DaemonConfig(Strict):
         try:
             ZoneInfo(value)
         except (ZoneInfoNotFoundError, ValueError):
-            raise ValueError(f"{value!r} is not a known time zone (e.g. \"Europe/Paris\")") from None
+            raise ValueError(
+                f"{value!r} is not a known time zone (e.g. \"Europe/Paris\")") from None
         return value
 
     @property
@@ -105,7 +106,8 @@ class EngineConfig(Strict):
     @classmethod
     def _command(cls, value: list[str]) -> list[str]:
         if any(not part for part in value):
-            raise ValueError("the command is an argv list of non-empty strings, never a shell string")
+            raise ValueError(
+                "the command is an argv list of non-empty strings, never a shell string")
         if len(value) == 1 and " " in value[0]:
             raise ValueError(
                 f"{value[0]!r} looks like a shell string; write an argv list, "

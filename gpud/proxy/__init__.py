@@ -4,13 +4,14 @@ The daemon gives it a `Backend`; nothing here imports the reconciler.
 """
 
 from .api import Backend, ModelRoute, ModelUnavailable, ProxyObserver
-from .app import INFERENCE_PATHS, Proxy, error_response
+from .app import INFERENCE_PATHS, MAX_BODY, Proxy, error_response
 from .auth import ApiKey, KeyRing, check_key_file, check_key_hash, hash_key, read_key_file
 from .limits import ModelGate, QueueFull
 from .singleflight import SingleFlight
 
 __all__ = [
     "INFERENCE_PATHS",
+    "MAX_BODY",
     "ApiKey",
     "Backend",
     "KeyRing",

@@ -78,6 +78,15 @@ class Backend(Protocol):
         """
         ...
 
+    def upstream_released(self, model: str, base: str) -> None:
+        """The proxy is done with `base`, which `ready_upstream` returned for `model`.
+
+        Called exactly once per successful `ready_upstream`, whatever the outcome
+        (answered, engine error, client gone): outstanding counts per engine
+        drive replica balancing and draining.
+        """
+        ...
+
     def request_started(self, model: str) -> None:
         """A request for `model` arrived (it may still queue). Idle tracking."""
         ...

@@ -5,9 +5,11 @@ the engine that `Backend.ready_upstream` names. It must never buffer a
 streamed body, re-encode a relayed one, log a key, or hold state that a
 reload could invalidate: routes are read from the backend on every request.
 
-Install on an `AppRunner(app, handler_cancellation=True)`: aiohttp only
-cancels a handler whose client went away when asked to, and that
-cancellation is what stops the engine's work for a departed client.
+A client that goes away must stop the engine's work for it: that is the
+cancellation of the request's handler, which closes the engine socket.
+aiohttp cancels such a handler at once only on an
+`AppRunner(app, handler_cancellation=True)`; without it, the proxy's own
+sweep (`disconnect_check`, every second) finds the departed clients.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ _RELAY_RESPONSE_HEADERS: Final = (
 )
 _SSE: Final = "text/event-stream"
 _QUEUE_FULL_RETRY_AFTER: Final = "1"
+MAX_BODY: Final = 64 * 1024 * 1024  # long prompts and inline images; aiohttp's default is 1 MiB
 _UPSTREAM_KEEPALIVE: Final = 3.0  # below uvicorn's 5 s, so we never reuse a socket it closes
 
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -89,8 +92,12 @@ class Proxy:
         *,
         keys: KeyRing | None = None,
         observer: ProxyObserver | None = None,
+        disconnect_check: float = 1.0,
     ) -> None:
         self.backend = backend
+        self.disconnect_check = disconnect_check
+        self._active: dict[asyncio.Task[Any], web.Request] = {}
+        self._sweeper: asyncio.Task[None] | None = None
         self.keys = keys if keys is not None else KeyRing()
         self.observer = observer
         self._gates: dict[str, ModelGate] = {}
@@ -109,19 +116,37 @@ class Proxy:
         app.on_cleanup.append(self._on_cleanup)
 
     def make_app(self) -> web.Application:
-        """A standalone application with only the proxy (tests, bench)."""
-        app = web.Application()
+        """A standalone application with only the proxy (tests, bench).
+
+        The daemon's own application needs `client_max_size=MAX_BODY` too.
+        """
+        app = web.Application(client_max_size=MAX_BODY)
         self.install(app)
         return app
 
     async def start(self) -> None:
         if self._client is None:
             self._client = UpstreamClient(keepalive=_UPSTREAM_KEEPALIVE)
+        if self._sweeper is None:
+            self._sweeper = asyncio.create_task(self._sweep(), name="gpud-proxy-disconnects")
 
     async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            await asyncio.gather(self._sweeper, return_exceptions=True)
+            self._sweeper = None
         if self._client is not None:
             self._client.close()
             self._client = None
+
+    async def _sweep(self) -> None:
+        """Cancel the handlers of clients that went away (see the module's docstring)."""
+        while True:
+            await asyncio.sleep(self.disconnect_check)
+            for task, request in list(self._active.items()):
+                transport = request.transport
+                if transport is None or transport.is_closing():
+                    task.cancel()
 
     async def _on_startup(self, app: web.Application) -> None:
         await self.start()
@@ -136,7 +161,15 @@ class Proxy:
     # -- observable state ----------------------------------------------------
 
     def stats(self) -> dict[str, dict[str, Any]]:
-        """Per model: `inflight`, `queued`, `last_request` (time.time() or None)."""
+        """Per model: `inflight`, `queued`, `last_request` (time.time() or None).
+
+        Models gone from the desired state are dropped once they have no requests.
+        """
+        routes = self.backend.routes()
+        for name in [n for n, g in self._gates.items() if n not in routes]:
+            g = self._gates[name]
+            if not g.inflight and not g.queued:
+                del self._gates[name]
         return {
             name: {"inflight": g.inflight, "queued": g.queued, "last_request": g.last_request}
             for name, g in self._gates.items()
@@ -215,6 +248,9 @@ class Proxy:
         t0 = time.perf_counter()
         observer = self.observer
         model = ""
+        task = asyncio.current_task()
+        assert task is not None
+        self._active[task] = request
         try:
             key = self._authenticate(request)
             if isinstance(key, web.Response):
@@ -225,6 +261,12 @@ class Proxy:
             resp, ttft = await self._admit_and_forward(request, path, body, route, t0)
         except _Reject as r:
             resp, ttft = r.response, None
+        except asyncio.CancelledError:
+            if observer is not None:  # 499: the client closed the request (nginx's code)
+                observer.request_done(model, path, 499, time.perf_counter() - t0, None)
+            raise
+        finally:
+            del self._active[task]
         if observer is not None:
             observer.request_done(model, path, resp.status, time.perf_counter() - t0, ttft)
         return resp
@@ -323,7 +365,10 @@ class Proxy:
             return error_response(
                 503, e.reason, e.code, type_="service_unavailable", retry_after=e.retry_after
             ), None
-        return await self._send(request, base, path, body, route, t0)
+        try:
+            return await self._send(request, base, path, body, route, t0)
+        finally:
+            self.backend.upstream_released(route.name, base)
 
     async def _send(
         self, request: web.Request, base: str, path: str, body: bytes, route: ModelRoute, t0: float

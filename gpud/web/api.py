@@ -75,11 +75,29 @@ def _until(body: dict[str, Any], daemon: Daemon) -> datetime | web.Response | No
         return error(400, f"'for': {exc}")
 
 
+def _cross_site(request: web.Request) -> bool:
+    """A browser write from another site (a page that POSTs a form to 127.0.0.1): refused.
+
+    Loopback is trusted for writes, so any web page the operator visits could otherwise drive
+    the API through their browser. Browsers send Origin on such writes; gpud's own page and
+    the CLI either send the same origin or none.
+    """
+    origin = request.headers.get("Origin")
+    if origin is None:
+        return False
+    host = request.headers.get("Host", "")
+    return origin not in (f"http://{host}", f"https://{host}")
+
+
 @web.middleware
 async def admin_writes(request: web.Request, handler: Any) -> web.StreamResponse:
-    if request.method != "GET" and request.path.startswith("/api/") and not _is_admin(request):
-        return error(403, "writes need the admin token (Authorization: Bearer ...) or loopback",
-                     "forbidden")
+    if request.method != "GET" and request.path.startswith("/api/"):
+        if _cross_site(request):
+            return error(403, "cross-site write refused: the Origin does not match this host",
+                         "forbidden")
+        if not _is_admin(request):
+            return error(403, "writes need the admin token (Authorization: Bearer ...) or "
+                         "loopback", "forbidden")
     return await handler(request)  # type: ignore[no-any-return]
 
 
@@ -117,9 +135,9 @@ async def model_logs(request: web.Request) -> web.Response:
     if not 0 < lines <= 2000:
         return error(400, "lines must be between 1 and 2000")
     inst = d.reconciler.instances.get(name)
-    if inst is None:
+    if inst is None and name.split("#")[0] not in d.reconciler.config.models:
         return error(404, f"no model {name!r}", "model_not_found")
-    tail = inst.proc.log_tail(lines) if inst.proc else d.log_file_tail(name, lines)
+    tail = inst.proc.log_tail(lines) if inst and inst.proc else d.log_file_tail(name, lines)
     return web.json_response({"model": name, "lines": tail})
 
 
@@ -150,6 +168,16 @@ async def model_action(request: web.Request) -> web.Response:
     msg = f"{name}: {verb} requested" + (f" until {until.isoformat(timespec='minutes')}"
                                          if until else "")
     return web.json_response({"ok": True, "message": msg})
+
+
+async def override_delete(request: web.Request) -> web.Response:
+    """Drop a model's manual override: back to the file, the profile and the policies."""
+    d = _daemon(request)
+    name = request.match_info["name"]
+    if name not in d.reconciler.config.models:
+        return error(404, f"no model {name!r}", "model_not_found")
+    d.reconciler.clear_override(name)
+    return web.json_response({"ok": True, "message": f"{name}: back to the file and schedule"})
 
 
 async def profile_get(request: web.Request) -> web.Response:
@@ -259,6 +287,7 @@ def install(app: web.Application, daemon: Daemon, *, test_hooks: bool = False) -
     r.add_get("/api/v1/models/{name}", model)
     r.add_get("/api/v1/models/{name}/logs", model_logs)
     r.add_post("/api/v1/models/{name}/{verb}", model_action)
+    r.add_delete("/api/v1/models/{name}/override", override_delete)
     r.add_get("/api/v1/profile", profile_get)
     r.add_put("/api/v1/profile", profile_put)
     r.add_delete("/api/v1/profile", profile_delete)

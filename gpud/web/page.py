@@ -309,8 +309,10 @@ def render_schedule(daemon: Daemon, status: dict[str, Any]) -> str:
                      f'</time> <span class="sub" data-countdown="{esc(nb["at"])}">in '
                      f'{esc(human_duration((at - now).total_seconds()))}</span></p>')
     elif r.schedule is None:
-        lines.append('<p class="sub">No [[schedule]] in the config: models follow their '
+        lines.append('<p class="next sub">No [[schedule]] in the config: models follow their '
                      "defaults (and any forced profile).</p>")
+    elif not forced:
+        lines.append('<p class="next sub">No switch ahead: the schedule keeps this profile.</p>')
     segs = []
     for s0, s1, prof in segments:
         left, width = pos(s0), pos(s1) - pos(s0)
