@@ -8,8 +8,9 @@ goodput (the share of requests meeting both --slo-ttft and --slo-tpot). Every ru
 in SQLite (`<state_dir>/bench.sqlite`); `--list` shows them, `--compare A B` diffs two.
 
 A client of the OpenAI API only: it never imports the daemon's internals or touches engines.
-Tokens are counted as SSE chunks with content (vLLM sends one per token); `ignore_eos` keeps
-every answer at --max-tokens, so runs compare like with like.
+Tokens: the server's usage count (requested with stream_options.include_usage), else SSE
+chunks with content; ITL is the gap between chunks. `ignore_eos` keeps every answer at
+--max-tokens, so runs compare like with like.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ CREATE TABLE IF NOT EXISTS requests (
     tpot REAL,
     e2e REAL,
     tokens INTEGER NOT NULL,
+    chunks INTEGER NOT NULL,
     usage_tokens INTEGER,
     itl TEXT
 );
@@ -79,9 +81,15 @@ class Result:
     error: str | None = None
     ttft: float | None = None
     e2e: float | None = None
-    tokens: int = 0
-    usage_tokens: int | None = None
+    chunks: int = 0  # SSE chunks with content
+    usage_tokens: int | None = None  # the server's own count, when it sends usage
     itl: list[float] = field(default_factory=list)
+
+    @property
+    def tokens(self) -> int:
+        # vLLM sends one chunk per step, but a chunk may carry several tokens (or none of
+        # the text a token only completes later): its usage count is the truth when present.
+        return self.usage_tokens if self.usage_tokens is not None else self.chunks
 
     @property
     def tpot(self) -> float | None:
@@ -141,14 +149,16 @@ async def one_request(session: aiohttp.ClientSession, url: str, model: str, n: i
                     if not _has_content(event):
                         continue
                     now = time.perf_counter()
-                    if res.tokens == 0:
+                    if res.chunks == 0:
                         res.ttft = now - started
                     else:
                         res.itl.append(now - last)
                     last = now
-                    res.tokens += 1
+                    res.chunks += 1
         res.e2e = time.perf_counter() - started
         res.ok = res.tokens > 0
+        if res.ttft is None and res.ok:
+            res.ttft = res.e2e  # tokens without visible text: the answer is the first token
         if not res.ok:
             res.error = "the stream held no tokens"
     except (aiohttp.ClientError, TimeoutError, ValueError, OSError) as exc:
@@ -336,9 +346,9 @@ def store_run(db: sqlite3.Connection, target: str, args: dict[str, Any], started
         run_id = int(cur.lastrowid or 0)
         db.executemany(
             "INSERT INTO requests (run_id, model, n, ok, error, start, ttft, tpot, e2e, tokens,"
-            " usage_tokens, itl) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " chunks, usage_tokens, itl) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [(run_id, r.model, r.n, int(r.ok), r.error, r.start, r.ttft, r.tpot, r.e2e,
-              r.tokens, r.usage_tokens, json.dumps([round(g, 6) for g in r.itl]))
+              r.tokens, r.chunks, r.usage_tokens, json.dumps([round(g, 6) for g in r.itl]))
              for r in results],
         )
     return run_id

@@ -66,7 +66,7 @@ def _parse_observed(text: str | None, desired: dict[str, Any]) -> dict[str, Any]
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    if args.file is None and not args.observed and not args.at:
+    if args.file is None and not args.observed and not args.at and not args.gpus:
         data = _api("GET", "/api/v1/plan", args)
         _print_plan(data, args.json)
         return 0
@@ -96,12 +96,25 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(f"--observed: not a JSON object of MODEL: STATE ({exc})", file=sys.stderr)
         return 2
     result = plan(desired, observed)
+    blocked: dict[str, str] = {}
+    notes: dict[str, str] = {}
+    if args.gpus:
+        try:
+            fitted = _fit_file(cfg, result, desired, observed, args.gpus)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            print(f"--gpus: expected {{\"0\": {{\"total\": \"80GiB\", \"free\": \"60GiB\"}}}} "
+                  f"({exc})", file=sys.stderr)
+            return 2
+        result = type(result)(fitted.actions, result.waiting)
+        blocked, notes = fitted.blocked, fitted.notes
     out: dict[str, Any] = {
         "profile": profile,
         "desired": {k: d.state for k, d in desired.items()},
         "reasons": {k: d.reason for k, d in desired.items()},
         "actions": [a.to_json() for a in result.actions],
     }
+    if args.gpus:
+        out["blocked"], out["notes"] = blocked, notes
     if cfg.schedule:
         out["at"] = now.isoformat()
         out["next_boundary"] = (
@@ -109,6 +122,30 @@ def cmd_plan(args: argparse.Namespace) -> int:
         )
     _print_plan(out, args.json)
     return 0
+
+
+def _fit_file(cfg: Any, result: Any, desired: Any, observed: Any, text: str) -> Any:
+    """Fit checks for `gpud plan --file`: GPU memory given as JSON, footprints estimated."""
+    from gpud.config.units import parse_size
+    from gpud.fit import GpuMemory, fit, footprint_for, locate_model_dir
+
+    raw = json.loads(text)
+    gpus = {}
+    for index, g in raw.items():
+        total = parse_size(g["total"])
+        free = parse_size(g.get("free", g["total"]))
+        gpus[int(index)] = GpuMemory(total, total - free, free)
+    fps = {}
+    for key, d in desired.items():
+        if d.gpu is None:
+            continue
+        m = cfg.models[d.model]
+        fp = footprint_for(m, locate_model_dir(m.source),
+                           gpus[d.gpu].total if d.gpu in gpus else None)
+        if fp is not None:
+            fps[key] = fp
+    busy = {k for k, o in observed.items() if o.busy}
+    return fit(result, desired, observed, gpus, fps, cfg.daemon.gpu_headroom, busy)
 
 
 def _print_plan(data: dict[str, Any], as_json: bool) -> None:
@@ -130,6 +167,8 @@ def _print_plan(data: dict[str, Any], as_json: bool) -> None:
         print("nothing to do")
     for i, a in enumerate(data["actions"], 1):
         print(f"{i:>3}. {a['action']:<8} {a['model']:<20} {a['reason']}")
+    for model, why in sorted(data.get("blocked", {}).items()):
+        print(f"  does not fit: {model}: {why}")
 
 
 # --- talking to the daemon ---------------------------------------------------------------
@@ -312,6 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--file", help="plan from this file without a daemon")
     s.add_argument("--observed", help="observed state as JSON (or @FILE): {MODEL: STATE, ...}")
     s.add_argument("--at", help="evaluate the schedule at this ISO 8601 instant with offset")
+    s.add_argument("--gpus", help='check fit against GPU memory: {"0": {"total": "80GiB", '
+                   '"free": "60GiB"}}')
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_plan)
 

@@ -78,6 +78,8 @@ class Daemon:
         self.proxy: Any = None
         self.scheduler: Any = None
         self.kvpool: Any = None
+        self.memory: dict[str, Any] | None = None
+        self.memory_at = 0.0
         self._armed: object = None
         self.runner: web.AppRunner | None = None
 
@@ -220,7 +222,8 @@ class Daemon:
             "kvpool": self.kvpool.status() if self.kvpool is not None else
             {"backend": "none", "gpus": {}, "note": "no model uses the KV pool"},
         }
-        out["memory"] = memory_status(self)
+        fresh = self.memory is not None and time.monotonic() - self.memory_at < 2.0
+        out["memory"] = self.memory if fresh else memory_status(self)
         # Per model: GPU bytes (NVML, the engine's whole process group) where a GPU holds
         # it, else host RSS. `gpud status` prints this column; it was never filled before.
         per_key = model_bytes(out["memory"])
@@ -240,11 +243,14 @@ class Daemon:
         from gpud.plan import plan
 
         desired = r.desired(now)
-        result = plan(desired, r.observed())
+        observed = r.observed()
+        result = plan(desired, observed)
+        fitted = r._fit(result, desired, observed)
         profile, _ = r.active_profile(now)
         return {"profile": profile, "desired": {k: d.state for k, d in desired.items()},
                 "reasons": {k: d.reason for k, d in desired.items()},
-                "actions": [a.to_json() for a in result.actions],
+                "actions": [a.to_json() for a in fitted.actions],
+                "blocked": dict(fitted.blocked), "notes": dict(fitted.notes),
                 "waiting": dict(result.waiting)}
 
     def config_json(self) -> dict[str, Any]:
@@ -330,6 +336,7 @@ class Daemon:
         tasks = [
             asyncio.create_task(self.reconciler.run(), name="reconcile"),
             asyncio.create_task(self._policies(), name="policies"),
+            asyncio.create_task(self._measure_memory(), name="memory"),
             asyncio.create_task(self._watch(), name="watch"),
             asyncio.create_task(run_watchdog(self.notifier, lambda: self.reconciler.last_pass),
                                 name="watchdog"),
@@ -405,6 +412,22 @@ class Daemon:
             if at > now:
                 self.scheduler.add_job(r.trigger, "date", run_date=at - self.clock_offset,
                                        id=f"boundary-{i}", misfire_grace_time=None)
+
+    async def _measure_memory(self) -> None:
+        """NVML every tick, off the loop: feeds fit checks, footprints and status."""
+        from gpud.fit import gpus_from_measure
+        from gpud.web.memory import engines_of, measure
+
+        while True:
+            try:
+                mem = await asyncio.to_thread(measure, engines_of(self))
+                self.memory, self.memory_at = mem, time.monotonic()
+                self.reconciler.gpus = gpus_from_measure(mem)
+                if self.reconciler.gpus:
+                    self.reconciler.record_footprints(model_bytes(mem))
+            except Exception:  # noqa: BLE001 - memory figures are best effort
+                log.exception("memory measurement failed")
+            await asyncio.sleep(self.loaded.config.daemon.tick.total_seconds())
 
     async def _policies(self) -> None:
         from gpud.policies.runner import PolicyRunner

@@ -18,6 +18,7 @@ import json
 import math
 import os
 from collections.abc import Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -31,12 +32,12 @@ MiB = 1024**2
 
 # What vLLM's sleep mode leaves on the GPU (levels 1 and 2 alike: weights go to host memory or
 # are dropped, the KV cache is freed): the CUDA context, cuBLAS/NCCL workspaces, allocator
-# pools. 0.5-1 GiB is typical; without a measurement we assume the top of that range, so a
-# sleep is never counted as freeing more than it does.
+# pools. Without a measurement we assume 1 GiB (a guess meant to be on the high side, not yet
+# checked on a GPU), so a sleep is not counted as freeing more than it does.
 ASLEEP_ESTIMATE = 1 * GiB
 # Non-KV memory of an awake engine besides the weights (CUDA context, activation peak while
-# profiling, CUDA graphs): a base plus a share of the weights. Checked against vLLM's own
-# "memory profiling" log lines for 0.5B-8B models: 1.8-2.8 GiB.
+# profiling, CUDA graphs): a base plus a share of the weights, ~2.3 GiB for an 8B model. An
+# assumption, not yet checked on a GPU; a measured footprint replaces it after the first run.
 NON_KV_BASE = 3 * GiB // 2
 NON_KV_SHARE = 0.05
 # vLLM's default --gpu-memory-utilization: without a KV budget it takes this share of the GPU.
@@ -308,7 +309,8 @@ def _names(keys: Sequence[str]) -> str:
 class _Fitter:
     def __init__(self, desired: Mapping[str, DesiredModel], observed: Mapping[str, ObservedModel],
                  gpus: Mapping[int, GpuMemory], footprints: Mapping[str, Footprint],
-                 headroom: int, busy: set[str], idle: Mapping[str, float], acted: set[str]) -> None:
+                 headroom: int, busy: AbstractSet[str], idle: Mapping[str, float],
+                 acted: set[str]) -> None:
         self.desired, self.gpus, self.fps, self.headroom = desired, gpus, footprints, headroom
         self.busy = set(busy) | {k for k, o in observed.items() if o.busy}
         self.idle, self.acted = idle, acted
@@ -336,7 +338,9 @@ class _Fitter:
         before = self.held(key)
         self.state[key] = to
         if g in self.free:
-            self.free[g] += before - self.held(key)
+            # An estimate may exceed what the model really holds: never more free than the
+            # GPU has in all (else a model larger than the GPU would seem to fit).
+            self.free[g] = min(self.gpus[g].total, self.free[g] + before - self.held(key))
 
     def run_chain(self, chain: list[Action]) -> bool:
         """Account for one model's actions in order; False when a take cannot run."""
@@ -410,21 +414,25 @@ class _Fitter:
     def make_room(self, key: str, g: int, need: int, verb: str) -> bool:
         victims, spared = self.candidates(key, g)
         avail = self.free[g] - self.headroom
+        # Estimates may claim more than the GPU holds: nothing frees past its total.
+        cap = self.gpus[g].total - self.headroom
         gain = 0
         plan: dict[str, str] = {}
         for v in victims:  # sleep first: cheap to undo
-            if need <= avail + gain:
-                break
-            if self.state[v] == "awake":
-                fp = self.fps[v]
-                plan[v], gain = "sleep", gain + fp.awake - fp.asleep
-        for v in victims:  # then unload, lowest priority first
-            if need <= avail + gain:
+            if need <= min(cap, avail + gain):
                 break
             fp = self.fps[v]
-            gain += fp.asleep
-            plan[v] = "unload"
-        if need > avail + gain:
+            if self.state[v] == "awake" and fp.awake > fp.asleep:
+                plan[v], gain = "sleep", gain + fp.awake - fp.asleep
+        for v in victims:  # then unload, lowest priority first
+            if need <= min(cap, avail + gain):
+                break
+            # what unloading adds: the sleeping remainder, or all it holds now
+            extra = self.fps[v].asleep if plan.get(v) == "sleep" else self.held(v)
+            if extra > 0:
+                plan[v], gain = "unload", gain + extra
+        if need > min(cap, avail + gain):
+            gain = min(gain, cap - avail)
             what = f"needs {gib(need)} on GPU {g}" + (" to wake" if verb == "wake" else "")
             after = self._after(plan)
             msg = f"{what}, {gib(max(0, avail + gain))} free{after}"
@@ -456,7 +464,7 @@ class _Fitter:
 
 def fit(plan: Plan, desired: Mapping[str, DesiredModel], observed: Mapping[str, ObservedModel],
         gpus: Mapping[int, GpuMemory], footprints: Mapping[str, Footprint], headroom: int,
-        busy: set[str], *, idle: Mapping[str, float] | None = None) -> FitResult:
+        busy: AbstractSet[str], *, idle: Mapping[str, float] | None = None) -> FitResult:
     """The plan that is safe to run on these GPUs, with victims and blocked takes explained.
 
     `footprints` and `busy` are by instance key; `busy` holds models with requests in flight

@@ -15,7 +15,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,16 @@ from gpud.engines.records import EngineRecord, adopt, read_records, remove_recor
 from gpud.engines.spec import EngineSpec
 from gpud.engines.vllm import EngineAPIError, VllmClient, build_argv, build_env
 from gpud.events import EventBus
+from gpud.fit import (
+    FitResult,
+    Footprint,
+    FootprintStore,
+    GpuMemory,
+    fit,
+    footprint_for,
+    locate_model_dir,
+    measured_footprint,
+)
 from gpud.plan import Action, ObservedModel, Plan, plan
 from gpud.proxy.api import ModelRoute, ModelUnavailable
 from gpud.proxy.singleflight import SingleFlight
@@ -119,6 +129,11 @@ class Reconciler:
         self.traffic: dict[str, ModelTraffic] = {}
         self.last_pass: float = 0.0
         self.last_pass_seconds: float | None = None
+        self.gpus: dict[int, GpuMemory] = {}  # from NVML, set by the daemon; empty without
+        self.footprints = FootprintStore(state_dir / "footprints.json")
+        self._estimates: dict[str, Footprint | None] = {}
+        self.blocked: dict[str, str] = {}
+        self.fit_notes: dict[str, str] = {}
         self.pass_count = 0
         self.last_plan: Plan = Plan()
         self.stalled = False  # set by tests/admin to prove the watchdog watches the loop
@@ -287,12 +302,19 @@ class Reconciler:
         desired = self.desired(now)
         for key, d in desired.items():
             self.instances.setdefault(key, Instance(key, d.model, d.replica))
-        result = plan(desired, self.observed())
+        observed = self.observed()
+        result = plan(desired, observed)
+        fitted = self._fit(result, desired, observed)
+        self.blocked = fitted.blocked
+        self.fit_notes = fitted.notes
+        result = Plan(fitted.actions, result.waiting)
         self.last_plan = result
         mono = time.monotonic()
         chains: dict[str, list[Action]] = {}
         for action in result.actions:
             chains.setdefault(action.model, []).append(action)
+        # On one GPU, memory is freed before it is taken: takes wait for this plan's frees.
+        frees: dict[int | None, list[asyncio.Task[None]]] = {}
         for key, actions in chains.items():
             inst = self.instances[key]
             if key in self._tasks:
@@ -300,6 +322,8 @@ class Reconciler:
             if actions[0].action in ("load", "restart") and inst.retry_at > mono:
                 continue  # crash backoff; the tick brings us back
             first = actions[0]
+            after = [] if first.action in ("sleep", "unload") or first.gpu is None else \
+                list(frees.get(first.gpu, []))
             inst.state_before = inst.state
             if first.action == "restart" and inst.state == "awake" and inst.gpu != \
                     desired[key].gpu:
@@ -307,8 +331,14 @@ class Reconciler:
                                "engine")
             else:
                 inst.set_state(TRANSITIONAL[first.action], first.reason)
-            task = asyncio.create_task(self._run_chain(inst, actions, desired.get(key)))
+            task = asyncio.create_task(
+                self._run_chain(inst, actions, desired.get(key), after=after))
             self._tasks[key] = task
+            if first.action in ("sleep", "unload"):
+                frees.setdefault(first.gpu, []).append(task)
+        for key, why in self.blocked.items():
+            if key in self.instances and key not in self._tasks:
+                self.instances[key].reason = f"does not fit: {why}"
         for key, inst in self.instances.items():
             want = desired.get(key)
             if want is not None and key not in self._tasks and inst.state == want.state:
@@ -324,8 +354,11 @@ class Reconciler:
         return result
 
     async def _run_chain(self, inst: Instance, actions: list[Action],
-                         d: DesiredModel | None) -> None:
+                         d: DesiredModel | None, after: list[asyncio.Task[None]] | None = None,
+                         ) -> None:
         try:
+            if after:
+                await asyncio.wait(after)
             for action in actions:
                 started = time.monotonic()
                 if action is not actions[0]:
@@ -389,6 +422,57 @@ class Reconciler:
             return True
         raise ValueError(f"unknown action {action.action!r}")
 
+    def _fit(self, result: Plan, desired: Mapping[str, DesiredModel],
+             observed: Mapping[str, ObservedModel]) -> FitResult:
+        """Check loads and wakes against GPU memory (NVML); free room from idle models."""
+        if not self.gpus:
+            return FitResult(result.actions)
+        fps: dict[str, Footprint] = {}
+        for key, d in desired.items():
+            if d.gpu is None:
+                continue
+            m = self.config.models[d.model]
+            cache_key = FootprintStore.key(d.model, d.gpu, d.spec_hash)
+            if cache_key not in self._estimates:
+                total = self.gpus[d.gpu].total if d.gpu in self.gpus else None
+                self._estimates[cache_key] = footprint_for(m, locate_model_dir(m.source), total)
+            fp = self.footprints.best(cache_key, self._estimates[cache_key])
+            if fp is not None:
+                if not self.config.engines[m.engine].sleep_mode:
+                    fp = replace(fp, sleeping=fp.awake)  # no sleep mode: a sleep frees nothing
+                fps[key] = fp
+        mono = time.monotonic()
+        busy = {k for k, i in self.instances.items()
+                if (t := self.traffic.get(i.model)) is not None and t.inflight}
+        idle = {k: mono - t.last_request for k, i in self.instances.items()
+                if (t := self.traffic.get(i.model)) is not None and t.last_request}
+        return fit(result, desired, observed, self.gpus, fps,
+                   self.config.daemon.gpu_headroom, busy, idle=idle)
+
+    def record_footprints(self, per_key: Mapping[str, int]) -> None:
+        """Remember what settled engines really take (NVML), for later fit checks."""
+        if not self.gpus:
+            return
+        for key, used in per_key.items():
+            inst = self.instances.get(key)
+            if inst is None or inst.spec_hash is None or inst.key in self._tasks:
+                continue
+            m = self.config.models.get(inst.model)
+            if m is None or inst.state not in ("awake", "asleep"):
+                continue
+            kv = m.kv_cache if m.kv_cache is not None else (m.kv_max or 0)
+            fkey = FootprintStore.key(inst.model, inst.gpu, inst.spec_hash)
+            old = self.footprints.get(fkey)
+            if inst.state == "awake":
+                asleep = old.sleeping if old is not None else None
+                new = measured_footprint(used, kv, asleep=asleep)
+            elif old is not None and old.source == "measured":
+                new = replace(old, sleeping=used)
+            else:
+                continue
+            if old != new:
+                self.footprints.record(fkey, new)
+
     # --- engine operations ----------------------------------------------------------------
 
     @property
@@ -402,12 +486,22 @@ class Reconciler:
         m = self.config.models[d.model]
         engine = self.config.engines[m.engine]
         kv = m.kv_cache if m.kv_cache is not None else m.kv_max
+        env = {**engine.env, **m.env}
+        if m.uses_pool:
+            # The engine's KV cache grows from gpud's pool pages (the gpud_vllm plugin);
+            # its capacity is kv_max, lent page group by page group.
+            from gpud.kvpool.engine_env import pool_engine_env
+
+            pe = pool_engine_env(d.model, d.gpu, self.runtime_dir, kv_min=m.kv_min,
+                                 kv_max=m.kv_max)
+            env.update(pe.env)
+            kv = pe.kv_cache_bytes
         return EngineSpec(
             model=d.model, command=tuple(engine.command), source=m.source,
             served_model_name=d.model, gpu=d.gpu, max_model_len=m.max_model_len,
             sleep_mode=engine.sleep_mode, kv_cache_bytes=kv,
             gpu_memory_utilization=m.gpu_memory_utilization, args=tuple(m.args),
-            env=tuple({**engine.env, **m.env}.items()),
+            env=tuple(env.items()),
         )
 
     def _taken_ports(self) -> set[int]:
@@ -614,6 +708,14 @@ class Reconciler:
             return False
         t0 = time.monotonic()
         await inst.client.wake(inst.sleep_level)
+        if inst.model not in self.demand:
+            # A wake nobody waits on (pre-wake, schedule, edit): send the engine's slow first
+            # request now, so the first user request at the boundary sees awake TTFT. A wake
+            # for a waiting request skips it: that request is the warm-up.
+            try:
+                await asyncio.wait_for(inst.client.warm_up(inst.model), 30)
+            except (EngineAPIError, TimeoutError) as exc:
+                log.warning("%s: warm-up request after wake failed: %s", inst.key, exc)
         inst.set_state("awake", reason)
         self.events.publish("woke", model=inst.key, level=inst.sleep_level,
                             duration=round(time.monotonic() - t0, 3))

@@ -11,6 +11,8 @@ allocation, in EngineCore.
 
 from __future__ import annotations
 
+import importlib
+
 _registered = False
 
 
@@ -24,7 +26,6 @@ def register() -> None:
     problem = gate.version_problem(gate.vllm_version())
     if problem is not None:
         raise gate.refuse(problem)
-    from gpud_vllm import patch
-
-    patch.install()
+    # By name: the patch layer is vLLM glue, outside the pure modules' strict typing.
+    importlib.import_module("gpud_vllm.patch").install()
     _registered = True

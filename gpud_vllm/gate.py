@@ -51,7 +51,7 @@ def vllm_version() -> str | None:
 
 def version_problem(version: str | None) -> str | None:
     if version is None:
-        return "no vLLM distribution named 'vllm' is installed here"
+        return f"no vLLM {SUPPORTED_VLLM} here: no distribution named 'vllm' is installed"
     if version.split("+", 1)[0] != SUPPORTED_VLLM:
         return (
             f"vLLM {version} is not {SUPPORTED_VLLM}, the only version this plugin patches; "

@@ -29,13 +29,13 @@ class MemfdGroupMapper:
                 raise ValueError(f"group {group}: {len(fds)} pages for {self.num_tensors} buffers")
             if any(group in t for t in self.pages):
                 raise ValueError(f"group {group} is already mapped")
-            for t, fd in enumerate(fds):
+            for i, fd in enumerate(fds):
                 if fd is None:
                     raise ValueError("gpud sent pages without fds: its pool has no backend")
-                self.pages[t][group] = mmap.mmap(fd, self.page_size, mmap.MAP_SHARED)
+                self.pages[i][group] = mmap.mmap(fd, self.page_size, mmap.MAP_SHARED)
         except BaseException:
-            for t in self.pages:
-                m = t.pop(group, None)
+            for buf in self.pages:
+                m = buf.pop(group, None)
                 if m is not None:
                     m.close()
             raise

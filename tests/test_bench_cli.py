@@ -130,8 +130,7 @@ def test_a_run_is_measured_stored_and_printed(engine: Engine, tmp_path: Path) ->
     args = json.loads(run[0][1])
     assert args["requests"] == 6 and args["concurrency"] == 3 and args["direct"] is True
     assert json.loads(run[0][2])["fast"]["goodput"] == 1.0
-    rows = con.execute("SELECT model, ok, tokens, usage_tokens, ttft, tpot FROM requests")\
-        .fetchall()
+    rows = con.execute("SELECT model, ok, tokens, chunks, ttft, tpot FROM requests").fetchall()
     assert len(rows) == 12 and all(r[1] == 1 and r[2] == 8 and r[3] == 8 for r in rows)
     assert all(r[4] > 0 and r[5] > 0 for r in rows)
 

@@ -646,6 +646,9 @@ class Bench:
             f'[[schedule]]\nprofile = "on"\nwhen = "{b:%H:%M}-{end:%H:%M}"\n'
             f'prewake = "{self.a.prewake_s}s"\n\n'
             '[[schedule]]\nprofile = "off"\nwhen = "otherwise"\n')
+        m8b = Path(self.a.models) / "m8b"
+        if self.m8b is None and (m8b / "config.json").exists() and not self.a.no_8b:
+            self.m8b = m8b  # made in the background while the first stages ran
         if self.m8b is not None and not self.cpu:
             self.sources["m8b"] = self.m8b  # loads now, while we wait for the boundary
             self.states["m8b"] = "awake"

@@ -123,9 +123,14 @@ def _describe_status(returncode: int) -> str:
 
 # --- crash classification ----------------------------------------------------------------
 
-CRASH_CAUSES = ("out of memory", "model not found", "port in use", "import error", "other")
+CRASH_CAUSES = (
+    "out of memory", "model not found", "port in use", "import error", "kv plugin refused",
+    "other",
+)
 
 _CAUSE_PATTERNS: list[tuple[str, re.Pattern[str]]] = [
+    # gpud's own KV plugin refusing a setup it does not support yet (one line, by design).
+    ("kv plugin refused", re.compile(r"gpud-kv: refused:")),
     (
         "out of memory",
         re.compile(

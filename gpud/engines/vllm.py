@@ -199,6 +199,12 @@ class VllmClient:
         """Reload the weights from the model source after a level-2 sleep."""
         await self._call("POST", "/collective_rpc", json={"method": "reload_weights"})
 
+    async def warm_up(self, served_name: str) -> None:
+        """One 1-token completion: the first request after a wake is measurably slower on a
+        GPU (H100, 1.8 GB model: 61 ms vs 23 ms awake); gpud pays it when nobody waits."""
+        await self._call("POST", "/v1/completions", json={
+            "model": served_name, "prompt": "warm up", "max_tokens": 1, "temperature": 0})
+
     async def reset_prefix_cache(self) -> None:
         await self._call("POST", "/reset_prefix_cache")
 

