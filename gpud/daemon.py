@@ -425,7 +425,7 @@ class Daemon:
                 self.reconciler.gpus = gpus_from_measure(mem)
                 if self.reconciler.gpus:
                     self.reconciler.record_footprints(model_bytes(mem))
-            except Exception:  # noqa: BLE001 - memory figures are best effort
+            except Exception:  # memory figures are best effort
                 log.exception("memory measurement failed")
             await asyncio.sleep(self.loaded.config.daemon.tick.total_seconds())
 
