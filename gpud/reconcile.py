@@ -970,8 +970,9 @@ class Reconciler:
                                    f"({ov.reason})", retry_after=60, code="model_held")
         self.demand[model] = time.monotonic()
         self.events.publish("demand", model=model, reason="woken by a request")
-        self._urgent = True
-        self.trigger()
+        if not self._wake_now(model):
+            self._urgent = True
+            self.trigger()
         while not self._serving(model):
             insts = [i for i in self.instances.values() if i.model == model]
             waiters: list[asyncio.Future[Any]] = [
@@ -985,6 +986,31 @@ class Reconciler:
             if failed and not self._serving(model):
                 raise ModelUnavailable(f"model {model!r} failed: {failed[0].reason}",
                                        retry_after=30)
+
+    def _wake_now(self, model: str) -> bool:
+        """Wake-on-request's fast path: start the wake here, not a loop pass later.
+
+        Only for a sleeping engine with nothing under way, and only when the fit check
+        lets the wake run alone (no other model must sleep first); otherwise the pass does it.
+        """
+        insts = sorted((i for i in self.instances.values() if i.model == model),
+                       key=lambda i: i.replica)
+        inst = next((i for i in insts if i.state == "asleep" and i.client is not None
+                     and i.key not in self._tasks), None)
+        if inst is None:
+            return False
+        desired = self.desired()
+        d = desired.get(inst.key)
+        if d is None or d.state != "awake":
+            return False
+        action = Action("wake", inst.key, d.reason, inst.gpu)
+        fitted = self._fit(Plan((action,)), desired, self.observed())
+        if fitted.actions != (action,):
+            return False
+        inst.state_before = inst.state
+        inst.set_state("waking", d.reason)
+        self._tasks[inst.key] = asyncio.create_task(self._run_chain(inst, [action], d))
+        return True
 
     def request_started(self, model: str) -> None:
         t = self.traffic.setdefault(model, ModelTraffic())

@@ -1,4 +1,5 @@
 #!/usr/bin/env python3
+# ruff: noqa: E501
 """GPU truth (issue 9): gpud driving real vLLM with sleep mode, measured THROUGH gpud, beside
 the raw vLLM figure for the same step, in the same run, on the same engines.
 
@@ -31,6 +32,7 @@ Render only:  python3 bench/gpu/gpu_truth.py --render bench/results/gpu_truth.js
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import json
 import os
@@ -335,10 +337,8 @@ class Bench:
             res["traceback"] = traceback.format_exc()[-3000:]
             print(f"[{name}] ERROR {res['error'][:800]}", flush=True)
             if self.g.proc is not None and self.g.proc.poll() is None:
-                try:
+                with contextlib.suppress(OSError):
                     self.g.resume()
-                except OSError:
-                    pass
         res["stage_s"] = round(time.monotonic() - t, 1)
         print(f"[{name}] done in {res['stage_s']}s: "
               + json.dumps({k: v for k, v in res.items() if k in ("summary", "error")})[:1500],
@@ -434,8 +434,8 @@ class Bench:
             for _ in range(self.a.reps):
                 g.append(stream(self.a.port, m)[0])
                 raw.append(stream(port, m)[0])
-            t_g, self.ref_text[m] = stream(self.a.port, m)
-            t_r, direct_text = stream(port, m)
+            _t_g, self.ref_text[m] = stream(self.a.port, m)
+            _t_r, direct_text = stream(port, m)
             self.awake_ttft[m] = med(g)
             out[m] = {"gpud_ttft_s": g, "raw_ttft_s": raw, "gpud_median": med(g),
                       "raw_median": med(raw), "ratio": round(med(g) / med(raw), 3),
@@ -692,7 +692,7 @@ class Bench:
         stream(self.a.port, "m8b", 4)
         res["gpu_mib_awake"] = self.mem_by_model().get("m8b")
         cycles = []
-        for rep in range(self.a.reps + 1):
+        for _rep in range(self.a.reps + 1):
             t = time.perf_counter()
             self.states["m8b"] = "asleep"
             self.write_config()
@@ -758,10 +758,8 @@ class Bench:
                 if name == "start" and "error" in self.r["stages"]["start"]:
                     break
         finally:
-            try:
+            with contextlib.suppress(OSError):
                 self.r["gpud_log_tail"] = self.g.log.read_text(errors="replace")[-4000:]
-            except OSError:
-                pass
             self.g.stop()
             for f in (self.root / "state" / "logs").glob("*.log"):
                 shutil.copy(f, self.out / f"engine-{f.stem}.log")
