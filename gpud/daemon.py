@@ -314,7 +314,10 @@ class Daemon:
             from gpud.web import page
 
             page.install(app, self)
-        self.runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        # handler_cancellation: a client that goes away cancels its handler (and the engine
+        # request) at once, not at the next write.
+        self.runner = web.AppRunner(app, access_log=None, handle_signals=False,
+                                    handler_cancellation=True)
         await self.runner.setup()
         site = web.TCPSite(self.runner, cfg.daemon.host, cfg.daemon.port, reuse_address=True)
         try:

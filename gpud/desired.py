@@ -24,6 +24,7 @@ class Override:
     state: str | None = None
     replicas: int | None = None
     gpu: int | None = None
+    level: int | None = None  # sleep level for a manual sleep (else the model's own)
     reason: str = "manual override"
     until: datetime | None = None
 
@@ -101,6 +102,7 @@ def effective(cfg: GpudConfig, layers: Layers, now: datetime) -> dict[str, Desir
     for name, m in cfg.models.items():
         state: str = m.state
         replicas = m.replicas
+        level: int = m.sleep_level
         reason, layer = f"file says {m.state}", "file"
         gpu_override: int | None = None
         entry = profile_entries.get(name)
@@ -115,11 +117,13 @@ def effective(cfg: GpudConfig, layers: Layers, now: datetime) -> dict[str, Desir
         intent = layers.intents.get(name)
         if intent is not None and intent.state in STATES:
             state, layer = intent.state, "policy"
+            level = intent.level or level
             reason = f"policy {intent.policy}: {intent.reason}" if intent.policy else intent.reason
         ov = layers.overrides.get(name)
         if ov is not None and ov.active(now):
             if ov.state is not None:
                 state = ov.state
+            level = ov.level or level
             if ov.replicas is not None:
                 replicas = ov.replicas
             gpu_override = ov.gpu
@@ -133,6 +137,6 @@ def effective(cfg: GpudConfig, layers: Layers, now: datetime) -> dict[str, Desir
             out[key] = DesiredModel(
                 key=key, model=name, replica=r, state=state, reason=reason,
                 spec_hash=spec_hash(cfg, name, gpu), gpu=gpu, priority=m.priority,
-                pinned=m.pinned, sleep_level=m.sleep_level, layer=layer,
+                pinned=m.pinned, sleep_level=level, layer=layer,
             )
     return out

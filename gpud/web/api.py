@@ -164,7 +164,8 @@ async def model_action(request: web.Request) -> web.Response:
     if level not in (None, 1, 2):
         return error(400, "level must be 1 or 2")
     reason = f"{verb} by an operator"
-    d.reconciler.set_override(name, VERBS[verb], until, reason)
+    d.reconciler.set_override(name, VERBS[verb], until, reason,
+                              level=level if verb == "sleep" else None)
     msg = f"{name}: {verb} requested" + (f" until {until.isoformat(timespec='minutes')}"
                                          if until else "")
     return web.json_response({"ok": True, "message": msg})
@@ -220,7 +221,8 @@ async def config_get(request: web.Request) -> web.Response:
 async def reload(request: web.Request) -> web.Response:
     d = _daemon(request)
     await _json_body(request)
-    result = await d.reload(source="api")
+    # Shielded: a client that hangs up must not leave a reload half done.
+    result = await asyncio.shield(d.reload(source="api"))
     return web.json_response(result, status=200 if result["valid"] else 422)
 
 
