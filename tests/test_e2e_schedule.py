@@ -40,6 +40,7 @@ def now_of(box: Box) -> datetime:
 
 
 def test_profile_flips_and_prewake_happens_before_the_boundary(box: Box) -> None:
+    box.gpud.cli("profile", "--auto")
     box.gpud.request("POST", "/api/v1/debug/clock", {"now": "2026-11-23T07:59:30+00:00"})
     box.write({"chat": "awake", "batch": "asleep"}, SCHEDULE.replace(
         "[profiles.day]", "[profiles.day]", 1))

