@@ -146,6 +146,7 @@ class Reconciler:
         self._wake_flight: SingleFlight[str, None] = SingleFlight()
         self._routes: dict[str, ModelRoute] = {}
         self.outstanding: dict[str, int] = {}
+        self._turns: dict[str, int] = {}
         self._drained: dict[str, asyncio.Event] = {}
         self._routes_key: object = None
         self.schedule: Schedule | None = None
@@ -927,9 +928,13 @@ class Reconciler:
         return self._pick(model, ready)
 
     def _pick(self, model: str, ready: list[Instance]) -> str:
-        # Least outstanding requests across replicas; ties go to the lowest replica.
+        # Least outstanding requests across replicas; ties take turns (round robin), so
+        # requests that come one at a time still spread over every replica.
         out = self.outstanding
-        best = min(ready, key=lambda i: (out.get(i.base_url or "", 0), i.replica))
+        turn = self._turns[model] = self._turns.get(model, 0) + 1
+        n = len(ready)
+        best = min(ready, key=lambda i: (out.get(i.base_url or "", 0),
+                                         (i.replica - turn) % n if n > 1 else 0))
         url = best.base_url or ""
         out[url] = out.get(url, 0) + 1
         return url

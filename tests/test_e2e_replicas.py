@@ -75,6 +75,9 @@ def served(port: int) -> float:
 def restore(box: Box) -> None:
     box.gpud.cli("profile", "--auto")
     box.base_models()
+    # Wait for the file's own placement too: a move back must be over, not just begun.
+    wait_for(lambda: (m := box.gpud.models()).get("chat", {}).get("gpu") is None
+             and "chat#1" not in m, 60, "the base config")
     box.gpud.wait_states({"chat": "awake", "batch": "asleep"}, timeout=400)
 
 
