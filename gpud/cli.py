@@ -204,34 +204,42 @@ def _admin_token() -> str | None:
     return os.environ.get("GPUD_ADMIN_TOKEN")
 
 
-def _api(method: str, path: str, args: argparse.Namespace, body: Any = None,
-         timeout: float = 30.0, ok_codes: tuple[int, ...] = ()) -> Any:
-    url = _base_url(args) + path
+def request(method: str, path: str, args: argparse.Namespace, body: Any = None,
+            timeout: float = 30.0) -> tuple[int, Any] | None:
+    """(status, JSON body) from the daemon, or None when no daemon answers."""
     data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, method=method)
+    req = urllib.request.Request(_base_url(args) + path, data=data, method=method)
     req.add_header("Content-Type", "application/json")
     token = _admin_token()
     if token:
         req.add_header("Authorization", f"Bearer {token}")
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return json.loads(resp.read() or b"null")
+            return resp.status, json.loads(resp.read() or b"null")
     except urllib.error.HTTPError as exc:
         try:
-            detail = json.loads(exc.read())
+            return exc.code, json.loads(exc.read() or b"null")
         except ValueError:
-            detail = None
-        if exc.code in ok_codes:
-            return detail
-        err = detail.get("error") if isinstance(detail, dict) else None
-        msg = err.get("message") if isinstance(err, dict) else err
-        print(f"gpud: {msg or exc.reason} (HTTP {exc.code})", file=sys.stderr)
-        raise SystemExit(1) from None
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        print(f"gpud: cannot reach the daemon at {_base_url(args)}: {reason}\n"
+            return exc.code, None
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
+
+
+def _api(method: str, path: str, args: argparse.Namespace, body: Any = None,
+         timeout: float = 30.0, ok_codes: tuple[int, ...] = ()) -> Any:
+    """The daemon's JSON answer; exits 1 on an error answer, 2 when no daemon answers."""
+    answer = request(method, path, args, body, timeout)
+    if answer is None:
+        print(f"gpud: cannot reach the daemon at {_base_url(args)}\n"
               "  is it running? (systemctl status gpud)", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise SystemExit(2)
+    code, detail = answer
+    if code < 400 or code in ok_codes:
+        return detail
+    err = detail.get("error") if isinstance(detail, dict) else None
+    msg = err.get("message") if isinstance(err, dict) else err
+    print(f"gpud: {msg or 'request refused'} (HTTP {code})", file=sys.stderr)
+    raise SystemExit(1)
 
 
 def cmd_status(args: argparse.Namespace) -> int:

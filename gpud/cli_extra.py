@@ -18,7 +18,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from gpud.cli import _admin_token, _api, _base_url, _config_path
+from gpud.cli import _admin_token, _api, _base_url, _config_path, request
 from gpud.config import ConfigError
 from gpud.config.load import DEFAULT_PATH
 
@@ -26,22 +26,7 @@ from gpud.config.load import DEFAULT_PATH
 def _request(method: str, path: str, args: argparse.Namespace, *, timeout: float = 10.0,
              body: Any = None) -> tuple[int, Any] | None:
     """(status, JSON) from the daemon, or None when no daemon answers."""
-    req = urllib.request.Request(_base_url(args) + path, method=method,
-                                 data=json.dumps(body).encode() if body is not None else None)
-    req.add_header("Content-Type", "application/json")
-    token = _admin_token()
-    if token:
-        req.add_header("Authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return resp.status, json.loads(resp.read() or b"null")
-    except urllib.error.HTTPError as exc:
-        try:
-            return exc.code, json.loads(exc.read() or b"null")
-        except ValueError:
-            return exc.code, None
-    except (urllib.error.URLError, OSError, ValueError):
-        return None
+    return request(method, path, args, body, timeout)
 
 
 def _error_message(data: Any) -> str:

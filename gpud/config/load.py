@@ -329,8 +329,8 @@ def secret_file_problem(path: Path) -> str | None:
     if not stat.S_ISREG(st.st_mode):
         return f"{path} is not a regular file"
     if st.st_mode & 0o077:
-        return (f"{path} is readable or writable by others (mode {stat.S_IMODE(st.st_mode):o}); "
-                f"run: chmod 600 {path}")
+        return (f"{path} is readable or writable by group or others "
+                f"(mode {stat.S_IMODE(st.st_mode):04o}); run: chmod 600 {path}")
     if st.st_uid not in (0, os.geteuid()):
         return f"{path} is owned by uid {st.st_uid}, not root or gpud's user"
     return None

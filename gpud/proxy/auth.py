@@ -11,10 +11,11 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
-import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+
+from gpud.config.load import secret_file_problem
 
 _HEX = frozenset("0123456789abcdef")
 
@@ -39,18 +40,9 @@ def check_key_file(path: str | os.PathLike[str]) -> str | None:
     group or others (a key in a world-readable file is a leaked key).
     """
     p = Path(path)
-    try:
-        st = p.stat()
-    except OSError as e:
-        return f"key file {p}: cannot read it ({e.strerror})"
-    if not stat.S_ISREG(st.st_mode):
-        return f"key file {p}: not a regular file"
-    if st.st_mode & 0o077:
-        mode = stat.S_IMODE(st.st_mode)
-        return (
-            f"key file {p}: mode {mode:04o} lets group or others access it; "
-            f"run `chmod 600 {p}` (owner only)"
-        )
+    problem = secret_file_problem(p)  # the same rule `gpud check` applies
+    if problem is not None:
+        return f"key file {problem}"
     try:
         key = p.read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError) as e:
