@@ -141,6 +141,13 @@ def test_manual_override_with_expiry(box: Box) -> None:
     m = box.gpud.wait_states({"chat": "asleep"}, timeout=30)
     assert "sleep by an operator until" in m["chat"]["reason"]
     box.gpud.wait_states({"chat": "awake"}, timeout=30)
+    # an override without expiry, cleared by `gpud auto`
+    assert box.gpud.cli("sleep", "chat").returncode == 0
+    box.gpud.wait_states({"chat": "asleep"}, timeout=30)
+    r = box.gpud.cli("auto", "chat")
+    assert r.returncode == 0, r.stderr
+    m = box.gpud.wait_states({"chat": "awake"}, timeout=30)
+    assert m["chat"]["reason"] == "file says awake"
 
 
 def test_stop_stops_engines_when_asked(box: Box, tmp_path_factory: pytest.TempPathFactory) -> None:
