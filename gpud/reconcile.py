@@ -727,6 +727,33 @@ class Reconciler:
                             duration=round(time.monotonic() - t0, 3))
         return True
 
+    def keep_warm(self, profile: str | None) -> None:
+        """Right before a boundary: a small request to each model the coming profile wants
+        awake that is awake and idle, so the first user request after the switch is hot."""
+        now = self.now()
+        for key, d in effective(self.config, Layers(profile=profile), now).items():
+            inst = self.instances.get(key)
+            t = self.traffic.get(d.model)
+            if (d.state == "awake" and inst is not None and inst.state == "awake"
+                    and inst.client is not None and key not in self._tasks
+                    and not (t and t.inflight)):
+                asyncio.get_running_loop().create_task(self._keep_warm_one(inst))
+
+    async def _keep_warm_one(self, inst: Instance) -> None:
+        if inst.client is None:
+            return
+        m = self.config.models.get(inst.model)
+        t0 = time.monotonic()
+        try:
+            n = await inst.client.warm_up(
+                inst.model, max_model_len=m.max_model_len if m else None, budget=1.0,
+                stop=lambda: bool((t := self.traffic.get(inst.model)) and t.inflight))
+        except (EngineAPIError, aiohttp.ClientError, TimeoutError) as exc:
+            log.warning("%s: keep-warm request failed: %s", inst.key, exc)
+            return
+        self.events.publish("keep_warm", model=inst.key, requests=n,
+                            duration=round(time.monotonic() - t0, 3))
+
     async def _unload(self, inst: Instance, reason: str) -> None:
         proc = inst.proc
         if proc is not None:
