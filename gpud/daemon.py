@@ -339,12 +339,15 @@ class Daemon:
             log.info("adopted %d running engine(s): %s", len(adopted), ", ".join(adopted))
         await asyncio.to_thread(self.save_last_good)
         self._start_timer()
+        interval = self.notifier.watchdog_interval()
+        self.reconciler.max_tick = interval  # a pass at least every ping interval
         tasks = [
             asyncio.create_task(self.reconciler.run(), name="reconcile"),
             asyncio.create_task(self._policies(), name="policies"),
             asyncio.create_task(self._measure_memory(), name="memory"),
             asyncio.create_task(self._watch(), name="watch"),
-            asyncio.create_task(run_watchdog(self.notifier, lambda: self.reconciler.last_pass),
+            asyncio.create_task(run_watchdog(self.notifier, lambda: self.reconciler.last_pass,
+                                             max_age=2 * (interval or 0) or None),
                                 name="watchdog"),
         ]
         self.reconciler.pass_once()

@@ -129,6 +129,7 @@ class Reconciler:
         self.traffic: dict[str, ModelTraffic] = {}
         self.last_pass: float = 0.0
         self.last_pass_seconds: float | None = None
+        self.max_tick: float | None = None  # set by the daemon from the systemd watchdog
         self.gpus: dict[int, GpuMemory] = {}  # from NVML, set by the daemon; empty without
         self.footprints = FootprintStore(state_dir / "footprints.json")
         self._estimates: dict[str, Footprint | None] = {}
@@ -264,8 +265,11 @@ class Reconciler:
         self._trigger.set()
 
     async def run(self) -> None:
-        tick = self.config.daemon.tick.total_seconds()
         while True:
+            # The watchdog needs a completed pass at least every ping interval.
+            tick = self.config.daemon.tick.total_seconds()
+            if self.max_tick is not None:
+                tick = min(tick, self.max_tick)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._trigger.wait(), timeout=tick)
             self._trigger.clear()
