@@ -77,6 +77,7 @@ class Daemon:
         self.admin_token = self._read_admin_token()
         self._reload_lock = asyncio.Lock()
         self._stop = asyncio.Event()
+        self._watching = asyncio.Event()  # the config watcher is set up
         self._status_line = ""
         self.proxy: Any = None
         self.scheduler: Any = None
@@ -280,6 +281,7 @@ class Daemon:
         import watchfiles
 
         if self.loaded.embedded or (self.config_path is None and not DEFAULT_PATH.exists()):
+            self._watching.set()
             return
         path = self.loaded.path.resolve()
         dirs = [path.parent]
@@ -293,9 +295,23 @@ class Daemon:
             return p == path or (p.parent == dropins and p.suffix == ".toml")
 
         # Watch the directory, not the file: editors save by renaming a new file over it.
-        async for _ in watchfiles.awatch(*dirs, debounce=30, step=10, stop_event=self._stop,
-                                         recursive=False, watch_filter=relevant):
-            await self.reload(source="file change")
+        changes = watchfiles.awatch(*dirs, debounce=30, step=10, stop_event=self._stop,
+                                    recursive=False, watch_filter=relevant)
+        nxt = asyncio.ensure_future(anext(changes))
+        # One loop turn runs awatch up to its first await: the inotify watches exist now.
+        await asyncio.sleep(0)
+        self._watching.set()
+        # An edit made between the first load and now had no watch to see it.
+        await self.reload(source="file change")
+        try:
+            while True:
+                await nxt
+                await self.reload(source="file change")
+                nxt = asyncio.ensure_future(anext(changes))
+        except StopAsyncIteration:
+            pass
+        finally:
+            nxt.cancel()
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -319,6 +335,10 @@ class Daemon:
             page.install(app, self)
         # handler_cancellation: a client that goes away cancels its handler (and the engine
         # request) at once, not at the next write.
+        # The watcher comes first: from the moment /healthz answers, every edit is seen.
+        watch = asyncio.create_task(self._watch(), name="watch")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._watching.wait(), 5.0)
         self.runner = web.AppRunner(app, access_log=None, handle_signals=False,
                                     handler_cancellation=True)
         await self.runner.setup()
@@ -327,6 +347,9 @@ class Daemon:
             await site.start()
         except OSError as exc:
             log.error("cannot listen on %s: %s", cfg.daemon.listen, exc.strerror)
+            self._stop.set()
+            watch.cancel()
+            await asyncio.gather(watch, return_exceptions=True)
             await self.runner.cleanup()
             return 1
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -345,7 +368,7 @@ class Daemon:
             asyncio.create_task(self.reconciler.run(), name="reconcile"),
             asyncio.create_task(self._policies(), name="policies"),
             asyncio.create_task(self._measure_memory(), name="memory"),
-            asyncio.create_task(self._watch(), name="watch"),
+            watch,
             asyncio.create_task(run_watchdog(self.notifier, lambda: self.reconciler.last_pass,
                                              max_age=2 * (interval or 0) or None),
                                 name="watchdog"),
