@@ -7,6 +7,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -201,14 +202,11 @@ def test_an_8b_llama_weighs_about_16_gb_in_bf16(tmp_path: Path) -> None:
     assert est32 is not None and est32.weights == 2 * est.weights
 
 
-def test_estimate_matches_the_real_tiny_models_safetensors() -> None:
-    if not (TINY / "config.json").is_file():
-        import pytest
-
-        pytest.skip("the tiny test model is not downloaded (make test fetches it)")
-    est = estimate_footprint(TINY, 0, 256)
+@pytest.mark.engine  # the tiny model is made with the engine's torch, in the slow phase
+def test_estimate_matches_the_real_tiny_models_safetensors(tiny_model: Path) -> None:
+    est = estimate_footprint(tiny_model, 0, 256)
     assert est is not None
-    on_disk = (TINY / "model.safetensors").stat().st_size
+    on_disk = (tiny_model / "model.safetensors").stat().st_size
     assert abs(est.weights - on_disk) / on_disk < 0.02
 
 
