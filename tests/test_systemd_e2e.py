@@ -124,6 +124,8 @@ ExecReload={GPUD} reload --wait
 # the venvs' interpreter lives under /root (pyenv): show only that, read-only
 ProtectHome=tmpfs
 BindReadOnlyPaths={base}
+# this checkout, wherever CI cloned it (PrivateTmp= hides /tmp, ProtectHome= /home)
+BindReadOnlyPaths={REPO}
 # an invalid file cannot tell `gpud reload` the port: name it
 Environment=GPUD_URL=http://127.0.0.1:{port}
 Environment=GPUD_TEST_HOOKS=1

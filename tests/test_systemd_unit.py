@@ -167,6 +167,8 @@ def _standin_dropin() -> str:
         "[Service]\n"
         "ProtectHome=tmpfs\n"
         f"BindReadOnlyPaths={base}\n"
+        # this checkout, wherever CI cloned it (PrivateTmp= hides /tmp, ProtectHome= /home)
+        f"BindReadOnlyPaths={REPO}\n"
         f"Environment=PYTHONPATH={REPO}\n"
         "Environment=STANDIN_DELAY=1.5\n"
         "WatchdogSec=3\n"
