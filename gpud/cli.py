@@ -265,9 +265,29 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def reload_daemon(args: argparse.Namespace) -> tuple[int, dict[str, Any]] | None:
+    """Ask the daemon to reload and wait for the verdict: (HTTP status, answer), or None when
+    no daemon answers. 200 with valid=true: the new file is active; 422: refused, the old
+    one keeps running."""
+    answer = request("POST", "/api/v1/reload", args, {}, timeout=120)
+    if answer is None:
+        return None
+    status, data = answer
+    return status, data if isinstance(data, dict) else {}
+
+
 def cmd_reload(args: argparse.Namespace) -> int:
-    data = _api("POST", "/api/v1/reload", args, {"wait": args.wait}, timeout=120,
-                ok_codes=(422,))
+    answer = reload_daemon(args)
+    if answer is None:
+        print(f"gpud: cannot reach the daemon at {_base_url(args)}\n"
+              "  is it running? (systemctl status gpud)", file=sys.stderr)
+        return 2
+    status, data = answer
+    if status not in (200, 422):
+        err = data.get("error")
+        msg = err.get("message") if isinstance(err, dict) else err
+        print(f"gpud: {msg or 'reload refused'} (HTTP {status})", file=sys.stderr)
+        return 1
     if data.get("valid"):
         changed = "changed" if data.get("changed") else "unchanged"
         print(f"config {data['revision']} active ({changed})")

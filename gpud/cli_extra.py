@@ -18,7 +18,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from gpud.cli import _admin_token, _api, _base_url, _config_path, request
+from gpud.cli import _admin_token, _api, _base_url, _config_path, reload_daemon, request
 from gpud.config import ConfigError
 from gpud.config.load import DEFAULT_PATH
 
@@ -102,7 +102,7 @@ def _reload_after_edit(path: Path, args: argparse.Namespace) -> int:
     if running is not None and running.resolve() != path.resolve():
         print(f"the daemon at {_base_url(args)} runs {running}, not {path}: not reloading it")
         return 0
-    answer = _request("POST", "/api/v1/reload", args, timeout=120.0, body={})
+    answer = reload_daemon(args)
     if answer is None:
         print(f"no daemon answered at {_base_url(args)}; the file is written")
         return 0
