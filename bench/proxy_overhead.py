@@ -183,6 +183,9 @@ def _run_proxy(conn: Any, loop_kind: str, upstream: str, model: str = MODEL) -> 
         def upstream_released(self, model: str, base: str) -> None:
             pass
 
+        def waking_upstreams(self, model: str) -> list[str]:
+            return []
+
         def request_started(self, model: str) -> None:
             pass
 

@@ -82,6 +82,8 @@ class Daemon:
         self.proxy: Any = None
         self.scheduler: Any = None
         self.kvpool: Any = None
+        self._kv_trimmed: set[str] = set()  # pool models trimmed in their current quiet spell
+        self._kv_tasks: set[asyncio.Task[int]] = set()
         self.memory: dict[str, Any] | None = None
         self.memory_at = 0.0
         self._armed: object = None
@@ -403,9 +405,39 @@ class Daemon:
             self.kvpool = build_server(self.loaded.config, self.runtime_dir, self._allow_peer)
             if self.kvpool is not None:
                 await self.kvpool.start()
+                self.reconciler.on_pass.append(self._kv_activity)
         except Exception as exc:
             log.error("KV pool not started: %s", exc)
             self.kvpool = None
+
+    def _kv_activity(self) -> None:
+        """After each pass: tell the pool what each pool model is doing, and trim a model
+        that went idle or to sleep back to its kv_min (once per quiet spell)."""
+        from gpud.kvpool.ledger import Activity, activity_of
+
+        pool, r = self.kvpool, self.reconciler
+        if pool is None:
+            return
+        mono = time.monotonic()
+        idle_after = self.loaded.config.daemon.kv_idle_after.total_seconds()
+        for name, m in r.config.models.items():
+            if not m.uses_pool:
+                continue
+            insts = [i for i in r.instances.values() if i.model == name]
+            state = next((i.state for i in insts if i.state == "awake"),
+                         insts[0].state if insts else "unloaded")
+            t = r.traffic.get(name)
+            last = max(t.last_request if t else 0.0, r._awake_since(name))
+            activity = activity_of(state, t.inflight if t else 0,
+                                   mono - last if last else None, idle_after)
+            pool.set_activity(name, activity)
+            if activity is Activity.AWAKE:
+                self._kv_trimmed.discard(name)
+            elif name not in self._kv_trimmed:
+                self._kv_trimmed.add(name)
+                task = asyncio.get_running_loop().create_task(pool.trim(name))
+                self._kv_tasks.add(task)
+                task.add_done_callback(self._kv_tasks.discard)
 
     def _allow_peer(self, peer: Any, model: str) -> bool:
         """Only engines gpud started may take pages, and only for their own model."""

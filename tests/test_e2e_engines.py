@@ -88,6 +88,22 @@ def test_add_then_remove_a_third_model(box: Box) -> None:
     assert models["chat"]["pid"] == before["chat"]["pid"]
 
 
+def test_an_engine_slept_behind_gpuds_back_is_noticed_and_woken(box: Box) -> None:
+    """gpud trusts the engine's own answer (/is_sleeping) over what it asked for last."""
+    chat = box.gpud.models()["chat"]
+    seq = max((e["seq"] for e in box.gpud.events()), default=0)
+    req = urllib.request.Request(f"http://127.0.0.1:{chat['port']}/sleep?level=1", b"",
+                                 method="POST")
+    urllib.request.urlopen(req, timeout=30).close()
+    assert engine_sleeping(chat["port"])
+    woke = wait_for(lambda: [e for e in box.gpud.events() if e["seq"] > seq
+                             and e["kind"] == "woke" and e["model"] == "chat"], 30,
+                    "gpud to see chat asleep and wake it", interval=0.2)
+    assert woke
+    assert not engine_sleeping(chat["port"])
+    assert box.gpud.models()["chat"]["pid"] == chat["pid"]
+
+
 def test_kill9_of_an_engine_is_detected_cleaned_and_restarted(box: Box) -> None:
     before = box.gpud.models()
     pid = before["chat"]["pid"]

@@ -230,3 +230,29 @@ async def test_a_grant_beyond_what_anyone_may_give_is_partly_refused_with_a_reas
         await server.wait_until(lambda: server.pools[0].ledger.free_pages == 4)
     finally:
         await server.close()
+
+
+async def test_an_idle_model_is_trimmed_to_its_kv_min_and_memory_goes_back(
+    served: tuple[KVPoolServer, set[int]],
+) -> None:
+    """What gpud does when a pool model goes quiet: it asks the engine for every page above
+    kv_min; the engine unmaps and returns them, and their memory goes back to the driver."""
+    from gpud.kvpool.ledger import Activity
+
+    server, started = served
+    low = await start_engine(server, started, "low")
+    await low.send("grant 6")
+    assert len((await low.read("granted"))["granted"]) == 6
+    pool = server.pools[0]
+    assert pool.status()["pages_backed"] == 6
+
+    server.set_activity("low", Activity.IDLE)
+    assert pool.ledger.activity("low") is Activity.IDLE
+    asked = await server.trim("low")
+    assert asked == 4  # 6 held, kv_min 2
+    assert len((await low.read("gave_back"))["gave_back"]) == 4
+    await server.wait_until(lambda: pool.ledger.summary()["granted"] == {"high": 0, "low": 2})
+    assert pool.status()["pages_backed"] == 2  # the 4 pages' memory was released
+    assert await server.trim("low") == 0  # at its minimum: nothing more to ask
+    await low.send("exit")
+    await low.proc.wait()

@@ -35,6 +35,9 @@ FAMILIES = {
     "gpud_config_valid": "gauge",
     "gpud_active_profile": "gauge",
     "gpud_gpu_memory_bytes": "gauge",
+    "gpud_kv_pages": "gauge",
+    "gpud_kv_pool_pages": "gauge",
+    "gpud_kv_page_bytes": "gauge",
 }
 
 
@@ -85,13 +88,14 @@ when = "otherwise"
 async def serve(path: Path) -> AsyncIterator[tuple[TestClient[web.Request, web.Application],
                                                    Daemon, metrics_mod.GpudMetrics]]:
     from gpud.proxy.app import Proxy
-    from gpud.web import api
+    from gpud.web import api, page
 
     daemon = Daemon(load_config(path), path, stop_engines_on_exit=True)
     app = web.Application()
     daemon.proxy = Proxy(daemon.reconciler, keys=daemon._keyring())
     daemon.proxy.install(app)
     api.install(app, daemon)
+    page.install(app, daemon)
     m = metrics_mod.install(app, daemon)
     client = TestClient(TestServer(app))
     await client.start_server()
@@ -194,3 +198,32 @@ def test_events_without_a_duration_are_ignored(tmp_path: Path, kind: str) -> Non
     m.on_event({"kind": kind, "model": "chat", "duration": "fast"})
     text = m.registry  # nothing observed: no labelled children
     assert not list(m.wake._metrics) and not list(m.load._metrics), text
+
+
+async def test_kv_pool_pages_per_model_and_the_model_asleep_to_the_ledger(tmp_path: Path) -> None:
+    pooled = MODELS.replace('state = "unloaded"\n', 'state = "unloaded"\nkv_min = "4MiB"\n'
+                            'kv_max = "64MiB"\n', 1)
+    async with serve(write_config(tmp_path, pooled)) as (client, daemon, _m):
+        (tmp_path / "run").mkdir(exist_ok=True)
+        await daemon._start_kvpool()
+        assert daemon.kvpool is not None
+        try:
+            pool = daemon.kvpool.pools[0]
+            pool.grant_now("chat", 3)  # what an engine's grant does
+            daemon.reconciler.pass_once()  # the pass hook tells the ledger what chat does
+            assert pool.ledger.summary()["tenants"]["chat"]["activity"] == "asleep"
+            families = await scrape(client)
+            page = await (await client.get("/")).text()  # the status page says it too
+            assert "KV pool: 3 pages (6" in page
+        finally:
+            await daemon.kvpool.close()
+
+    def samples(name: str) -> dict[tuple[str, ...], float]:
+        return {tuple(v for _, v in sorted(s.labels.items())): s.value  # type: ignore[misc]
+                for s in families[name].samples}  # type: ignore[attr-defined]
+
+    assert samples("gpud_kv_pages") == {("0", "chat"): 3.0}
+    kinds = samples("gpud_kv_pool_pages")
+    assert kinds[("0", "total")] == 32.0 and kinds[("0", "granted")] == 3.0
+    assert kinds[("0", "free")] == 29.0
+    assert samples("gpud_kv_page_bytes") == {("0",): 2.0 * 1024 * 1024}

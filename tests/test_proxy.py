@@ -194,6 +194,13 @@ class FakeBackend:
         self.awake[model] = True
         return self.upstream
 
+    def waking_upstreams(self, model: str) -> list[str]:
+        return [] if self.awake.get(model, True) else [self.upstream]
+
+    def up_pool_ready(self, pools: Mapping[str, Any]) -> bool:
+        pool = pools.get(self.upstream)
+        return pool is not None and len(pool.idle) == 1
+
     def upstream_released(self, model: str, base: str) -> None:
         assert base == self.upstream
         self.released[model] = self.released.get(model, 0) + 1
@@ -483,6 +490,20 @@ async def test_request_to_an_asleep_model_wakes_it_once_for_twenty(env: Env) -> 
     assert env.backend.wakes.started == 1
     assert env.backend.started["sleepy"] == env.backend.finished["sleepy"] == 20
     assert env.backend.released["sleepy"] == 20
+
+
+async def test_the_engine_socket_is_opened_while_the_model_wakes(env: Env) -> None:
+    """The wake's time is used to connect, so the request is sent the moment it ends."""
+    env.backend.wake_delay = 0.3
+    req = asyncio.create_task(env.post("/v1/completions", {"model": "sleepy", "prompt": "x"}))
+    assert env.proxy._client is not None
+    pools = env.proxy._client._pools
+    await wait_until(lambda: env.backend.up_pool_ready(pools))
+    assert not env.backend.awake["sleepy"]  # connected while the engine still wakes
+    connected = next(iter(pools[env.up.url].idle))
+    r = await req
+    assert r.status == 200
+    assert list(pools[env.up.url].idle) == [connected]  # that socket carried the request
 
 
 async def test_wake_past_request_timeout_is_503_and_the_wake_goes_on(env: Env) -> None:

@@ -18,8 +18,8 @@ appends to one JSON file (written after every stage, so a run cut short still re
                greedy output compared with the text before any sleep
   adopt        kill -9 gpud with both engines awake; a new gpud adopts both (same pids, GPU
                memory unchanged); time from its start to a served request for both models
-  prewake      a schedule boundary ~1 min ahead with prewake: first token at the boundary vs
-               the awake TTFT
+  prewake      `reps` schedule boundaries on gpud's test clock, each pre-woken prewake_s ahead
+               (real waits): first token at the boundary vs the awake TTFT
   first_sleep  an 8B-shaped model (if /tmp/models/m8b exists): gpud's warm sleep at load,
                then the first sleep a file edit asks for vs later ones
 
@@ -257,6 +257,7 @@ class Bench:
             self.sources["m8b"] = models / "m8b"
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (a.gpud_path, env.get("PYTHONPATH")) if p)
+        env["GPUD_TEST_HOOKS"] = "1"  # the pre-wake stage sets gpud's clock
         self.engine_env = {"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
         if self.cpu:
             self.engine_env["VLLM_CPU_KVCACHE_SPACE"] = "1"
@@ -639,10 +640,13 @@ class Bench:
         return out
 
     def st_prewake(self, res: dict[str, Any]) -> None:
-        """N schedule boundaries two minutes apart (profile `on` for one minute each, `off`
-        otherwise), each pre-woken `prewake_s` ahead. At each: the first token at the
-        boundary, the next requests, and a control: one request ~30 s later to the same
-        engine, awake and idle all that time but not slept (is the slowness the wake's?)."""
+        """`reps` schedule boundaries, each pre-woken `prewake_s` ahead, on gpud's test clock
+        (GPUD_TEST_HOOKS=1): before each rep the clock is set `prewake_s + 3` s before 08:00
+        of a new day, so the boundary comes that much later in real time, with the whole
+        real wait (pre-wake, `prewake_s` s of quiet, keep-warm, the switch) in it. At each:
+        the first token at the boundary, the next requests; then the clock goes to 09:00:01
+        (profile `off`) and both sleep. Rep 0 also has a control: one request ~prewake_s
+        later to the same engines, awake and idle all that time but not slept."""
         if self.idle:
             # the wake stages left idle_sleep_after = 2s: let the last request's demand
             # expire (both idle-asleep) before the default 10-minute demand TTL returns
@@ -650,63 +654,63 @@ class Bench:
             time.sleep(1.5)
         self.idle = None
         self.level = {m: 1 for m in MODELS}
-        now = datetime.now(UTC)
-        b = (now + timedelta(minutes=1)).replace(second=0, microsecond=0)
-        if (b - now).total_seconds() < self.a.prewake_s + 22:
-            b += timedelta(minutes=1)
-        n = max(1, self.a.prewake_boundaries)
-        while n > 1 and (b - now).total_seconds() + 120 * (n - 1) + 40 > self.left():
-            n -= 1
-        bounds = [b + timedelta(minutes=2 * i) for i in range(n)]
         self.states = {m: "asleep" for m in MODELS}
-        self.schedule = ("[profiles.on]\ntiny = \"awake\"\nlarge = \"awake\"\n\n"
-                         "[profiles.off]\ntiny = \"asleep\"\nlarge = \"asleep\"\n\n")
-        for bi in bounds:
-            self.schedule += (f'[[schedule]]\nprofile = "on"\n'
-                              f'when = "{bi:%H:%M}-{bi + timedelta(minutes=1):%H:%M}"\n'
-                              f'prewake = "{self.a.prewake_s}s"\n\n')
-        self.schedule += '[[schedule]]\nprofile = "off"\nwhen = "otherwise"\n'
+        self.schedule = ('[profiles.on]\ntiny = "awake"\nlarge = "awake"\n\n'
+                         '[profiles.off]\ntiny = "asleep"\nlarge = "asleep"\n\n'
+                         '[[schedule]]\nprofile = "on"\nwhen = "08:00-09:00"\n'
+                         f'prewake = "{self.a.prewake_s}s"\n\n'
+                         '[[schedule]]\nprofile = "off"\nwhen = "otherwise"\n')
         m8b = Path(self.a.models) / "m8b"
         if self.m8b is None and (m8b / "config.json").exists() and not self.a.no_8b:
             self.m8b = m8b  # made in the background while the first stages ran
         if self.m8b is not None and not self.cpu:
-            self.sources["m8b"] = self.m8b  # loads now, while we wait for the boundary
+            self.sources["m8b"] = self.m8b  # loads now, for the first_sleep stage
             self.states["m8b"] = "awake"
+        day0 = datetime(2030, 1, 7, tzinfo=UTC)  # any day: the window is daily
+        self.set_clock(day0 + timedelta(hours=9, seconds=1))
         self.write_config()
         self.g.wait_states({m: "asleep" for m in MODELS}, 60)
-        res["boundaries"] = [bi.isoformat() for bi in bounds]
+        lead = self.a.prewake_s + 3
         per: list[dict[str, Any]] = []
         res["per_boundary"] = per
-        for i, bi in enumerate(bounds):
+        res["prewake_s"] = self.a.prewake_s
+        n = self.a.reps
+        while n > 1 and n * (lead + 8) + lead + 20 > self.left():
+            n -= 1
+        for i in range(n):
+            bi = day0 + timedelta(days=i + 1, hours=8)
             row: dict[str, Any] = {"boundary": bi.isoformat()}
             per.append(row)
-            self.g.wait_states({m: "asleep" for m in MODELS},
-                               max(5.0, (bi - datetime.now(UTC)).total_seconds() - 35))
-            _sleep_until(bi - timedelta(seconds=self.a.prewake_s + 3))
+            self.g.wait_states({m: "asleep" for m in MODELS}, 60)
+            self.g.wait(lambda: all(self.engine_sleeping(m) for m in MODELS), 30, "asleep")
+            t_set = time.monotonic()
+            self.set_clock(bi - timedelta(seconds=lead))
+            t_b = t_set + lead  # the boundary, in real monotonic time
+            _sleep_mono(t_b - self.a.prewake_s - 1)
             row["states_before_prewake"] = {m: self.engines()[m]["state"] for m in MODELS}
-            _sleep_until(bi - timedelta(seconds=1.5))
+            _sleep_mono(t_b - 2.5)
             models = self.engines()
             row["states_before_boundary"] = {m: [models[m]["state"], models[m]["reason"]]
                                              for m in MODELS}
-            row["sleeping_before_boundary"] = {m: self.engine_sleeping(m) for m in MODELS}
             order = ("large", "tiny") if i % 2 == 0 else ("tiny", "large")
-            _sleep_until(bi)
+            _sleep_mono(t_b)
             first = {m: stream(self.a.port, m)[0] for m in order}
             row["order"] = list(order)
             row["at_boundary_ttft_s"] = first
-            row["next_requests_ttft_s"] = {m: [stream(self.a.port, m)[0]
-                                               for _ in range(self.a.reps - 1)] for m in MODELS}
+            row["next_requests_ttft_s"] = {m: [stream(self.a.port, m)[0] for _ in range(2)]
+                                           for m in MODELS}
             row["profile_after"] = self.g.status()["profile"]
-            # control: the same engines awake and idle as long as before the boundary, no sleep
-            _sleep_until(bi + timedelta(seconds=min(self.a.prewake_s + 2, 50)))
-            row["idle_control_ttft_s"] = {m: stream(self.a.port, m)[0] for m in order}
-            row["idle_control_states"] = {m: self.engines()[m]["state"] for m in MODELS}
+            if i == 0:  # the control: awake and idle as long as before the boundary
+                _sleep_mono(t_b + self.a.prewake_s)
+                row["idle_control_ttft_s"] = {m: stream(self.a.port, m)[0] for m in order}
+            self.set_clock(bi + timedelta(hours=1, seconds=1))
             self.save()
-        res["events"] = [e for e in self.g.events() if e["kind"] in ("woke", "profile")][-4 * n:]
-        summ: dict[str, Any] = {"boundaries": n}
+        res["events"] = [e for e in self.g.events()
+                         if e["kind"] in ("woke", "profile", "keep_warm")][-6 * n:]
+        summ: dict[str, Any] = {"boundaries": n, "clock": "gpud test clock, real waits"}
         for m in MODELS:
             firsts = [r["at_boundary_ttft_s"][m] for r in per]
-            ctrl = [r["idle_control_ttft_s"][m] for r in per]
+            ctrl = [r["idle_control_ttft_s"][m] for r in per if "idle_control_ttft_s" in r]
             awake = self.awake_ttft.get(m)
             summ[m] = {"first_at_boundary": [round(x, 4) for x in firsts],
                        "first_median": med(firsts), "awake_ttft": awake,
@@ -715,10 +719,16 @@ class Bench:
                        "next_median": med([x for r in per for x in r["next_requests_ttft_s"][m]]),
                        "idle_control": [round(x, 4) for x in ctrl],
                        "idle_control_ratio": round(statistics.median(ctrl) / awake, 3)
-                       if awake else None,
+                       if awake and ctrl else None,
                        "woke_event_s": [e.get("duration") for e in res["events"]
-                                        if e["kind"] == "woke" and e.get("model") == m]}
+                                        if e["kind"] == "woke" and e.get("model") == m],
+                       "keep_warm_events": sum(1 for e in res["events"]
+                                               if e["kind"] == "keep_warm"
+                                               and e.get("model") == m)}
         res["summary"] = summ
+
+    def set_clock(self, at: datetime) -> None:
+        http_json("POST", self.g.url + "/api/v1/debug/clock", {"now": at.isoformat()})
 
     def st_first_sleep(self, res: dict[str, Any]) -> None:
         if "m8b" not in self.sources:
@@ -810,15 +820,13 @@ class Bench:
         print(render(self.r), flush=True)
 
 
-def _sleep_until(when: datetime) -> None:
+def _sleep_mono(when: float) -> None:
     while True:
-        d = (when - datetime.now(UTC)).total_seconds()
+        d = when - time.monotonic()
         if d <= 0:
             return
         time.sleep(min(d, 0.5) if d > 0.02 else d)
 
-
-# --- report -------------------------------------------------------------------------------
 
 def render(r: dict[str, Any]) -> str:
     st = r.get("stages", {})
@@ -924,8 +932,6 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=8391)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--prewake-s", type=int, default=30)
-    ap.add_argument("--prewake-boundaries", type=int, default=2,
-                    help="boundaries 2 min apart (fewer if the deadline is near)")
     ap.add_argument("--kv", default="", help="KV budgets, e.g. tiny=8GiB,large=16GiB")
     ap.add_argument("--deadline", type=float, default=560, help="seconds for the whole run")
     ap.add_argument("--stages", default="", help="comma list (start always runs)")

@@ -9,6 +9,7 @@ cache; see bench/gpu/KVPLUGIN_RUN.md):
   v2      items 1-5 with the default V2 model runner (stock reference included)
   v1      the same with VLLM_USE_V2_MODEL_RUNNER=0 (item 6)
   share   item 7: two pool engines sharing one pool vs two fixed reservations
+  smoke   a quick first look: one pooled engine, completions, a small load, sleep, wake
 
 NOT yet run: written on a CPU machine and only checked for syntax.
 """
@@ -84,6 +85,20 @@ class Pool:
                     "free_bytes": self.backend.describe()["gpu_free_bytes"],
                     "pages_backed": s["pages_backed"]}
         return dict(self.call(snap()))
+
+    def zero_check(self, tenant: str, n: int) -> dict[str, Any]:
+        """Grant ``n`` pages another model used to ``tenant``: every byte must read zero."""
+
+        async def check() -> dict[str, Any]:
+            t0 = time.perf_counter()
+            refs = self.pool.grant_now(tenant, n)
+            took = time.perf_counter() - t0
+            dirty = [r.page for r in refs if any(self.pool.read(r.page, PAGE))]
+            self.pool.release(tenant, [r.page for r in refs])
+            return {"pages": len(refs), "nonzero_pages": dirty, "grant_s": round(took, 4),
+                    "zeroed_pages_total": self.pool.status()["zeroed_pages"]}
+
+        return dict(self.call(check()))
 
     def set_idle(self, tenant: str) -> None:
         """What gpud's reconciler does for an engine with no traffic: its pages above
@@ -317,6 +332,48 @@ def phase_single(args: argparse.Namespace, work: Path, shim: Path, v1: bool) -> 
     return res
 
 
+def phase_smoke(args: argparse.Namespace, work: Path, shim: Path) -> dict[str, Any]:
+    """A quick first look (~1-2 min): one pooled engine (eager), a few completions, a small
+    load, sleep and wake, with the ledger after each step. Fails fast with the log tail."""
+    res: dict[str, Any] = {}
+    sock = work / "smoke.sock"
+    kv_pages = args.kv_bytes // PAGE
+    pool = Pool(sock, [TenantSpec("smoke", 16, kv_pages, 10), TenantSpec("other", 0, None, 10)],
+                kv_pages + 64)
+    extra = args.extra if "--enforce-eager" in args.extra else [*args.extra, "--enforce-eager"]
+    eng = Engine("smoke", args.model, 8109, work, kv_bytes=args.kv_bytes, sock=sock, v1=False,
+                 extra=extra, shim=shim)
+    steps: list[Any] = []
+    res["steps"] = steps
+    try:
+        res["start_s"] = eng.wait_healthy(timeout=args.smoke_timeout)
+        steps.append(["healthy", pool.snapshot()["granted"]])
+        outs = [eng.complete(p, 16)[0] for p in PROMPTS[:3]]
+        steps.append(["3 completions", pool.snapshot()["granted"], outs])
+        wave = load(eng, 16, 128, PROMPTS)
+        steps.append(["16 x 128 tokens", pool.snapshot()["granted"],
+                      {k: wave[k] for k in ("ok", "errors", "ttft_p50")}])
+        steps.append(["sleep", http("POST", eng.url + "/sleep?level=1")[0],
+                      pool.snapshot()["granted"]])
+        steps.append(["wake", http("POST", eng.url + "/wake_up")[0], pool.snapshot()["granted"]])
+        again = [eng.complete(p, 16)[0] for p in PROMPTS[:3]]
+        steps.append(["same after wake", again == outs, pool.snapshot()["granted"]])
+        res["ok"] = again == outs and not wave["errors"]
+    except Exception as e:
+        res["error"] = repr(e)[:2000]
+    finally:
+        res["plugin_log"] = [ln[-300:] for ln in eng.log.read_text(errors="replace").splitlines()
+                             if "gpud-kv" in ln or "Error" in ln or "Traceback" in ln][-40:]
+        res["tail"] = eng.tail(40)
+        eng.stop()
+        try:  # the smoke engine's pages, now free, go to another model: zeroed first
+            res["zero_check"] = pool.zero_check("other", 64)
+        except Exception as e:
+            res["zero_check"] = {"error": repr(e)}
+        pool.close()
+    return res
+
+
 def phase_share(args: argparse.Namespace, work: Path, shim: Path) -> dict[str, Any]:
     """Item 7: a burst on A takes pages B gave back while idle, vs fixed reservations."""
     half = args.share_bytes // 2
@@ -358,6 +415,7 @@ def main() -> None:
     ap.add_argument("--phases", default="v2,v1,share")
     ap.add_argument("--kv-bytes", type=int, default=8 * 1024 * MiB)
     ap.add_argument("--share-bytes", type=int, default=3 * 1024 * MiB)
+    ap.add_argument("--smoke-timeout", type=float, default=150)
     ap.add_argument("--extra", action="append", default=[],
                     help="extra vLLM flag (use --extra=--enforce-eager)")
     args = ap.parse_args()
@@ -371,6 +429,8 @@ def main() -> None:
         try:
             if phase in ("v2", "v1"):
                 results[phase] = phase_single(args, work, shim, v1=phase == "v1")
+            elif phase == "smoke":
+                results[phase] = phase_smoke(args, work, shim)
             elif phase == "share":
                 results[phase] = phase_share(args, work, shim)
             else:

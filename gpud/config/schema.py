@@ -36,6 +36,7 @@ class DaemonConfig(Strict):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     stop_engines_on_exit: bool | None = None
     gpu_headroom: Size = 1024**3
+    kv_idle_after: Duration = timedelta(seconds=30)
 
     @field_validator("listen")
     @classmethod

@@ -45,6 +45,11 @@ class PageBackend(Protocol):
         """Read the first ``nbytes`` of a page as gpud sees it (checks and tests)."""
         ...
 
+    def zero(self, pages: list[int]) -> None:
+        """Overwrite the pages with zeros, and wait until that is done: a page's bytes never
+        reach another model (or a page fresh from the driver, which promises nothing)."""
+        ...
+
     def close(self) -> None:
         """Release every page still backed."""
         ...
@@ -75,6 +80,9 @@ class NoBackend:
 
     def read(self, page: int, nbytes: int) -> bytes:
         raise BackendError("the KV pool runs without a backend here: pages hold no memory")
+
+    def zero(self, pages: list[int]) -> None:
+        return None
 
     def close(self) -> None:
         self._pages.clear()
@@ -122,6 +130,14 @@ class MemfdBackend:
             raise BackendError(f"GPU {self.gpu}: page {page} has no memory behind it")
         with mmap.mmap(fd, self.page_size, mmap.MAP_SHARED, mmap.PROT_READ) as m:
             return m[:nbytes]
+
+    def zero(self, pages: list[int]) -> None:
+        # memfd_create pages start zeroed; a page moving between tenants is punched out.
+        for page in pages:
+            fd = self._fds.get(page)
+            if fd is None:
+                raise BackendError(f"GPU {self.gpu}: page {page} has no memory behind it")
+            os.pwrite(fd, bytes(self.page_size), 0)
 
     def close(self) -> None:
         for page in list(self._fds):

@@ -294,6 +294,9 @@ def _runs(offsets: Iterable[int], page_size: int) -> list[tuple[int, int]]:
     return runs
 
 
+ZERO_BATCH = 64  # pages cleared per device call (128 MiB of gpud's address space)
+
+
 class CudaBackend:
     """Pages of one GPU's pool as CUDA physical allocations, each exported to an fd once."""
 
@@ -311,6 +314,7 @@ class CudaBackend:
         self._handles: dict[int, Any] = {}
         self._fds: dict[int, int] = {}
         self._scratch: PageMapper | None = None  # gpud's own one-page window, for read()
+        self._zero_window: PageMapper | None = None  # ZERO_BATCH pages, for zero()
 
     def create(self, page: int) -> int | None:
         if page in self._handles:
@@ -353,6 +357,28 @@ class CudaBackend:
     def fd(self, page: int) -> int | None:
         return self._fds.get(page)
 
+    def zero(self, pages: list[int]) -> None:
+        """Map the pages into gpud's own window (up to ZERO_BATCH at a time), clear them on
+        the device, wait for it, unmap: about 40 us a page, mostly the mapping calls."""
+        if not pages:
+            return
+        d = driver()
+        if self._zero_window is None:
+            self._zero_window = PageMapper(self.device, ZERO_BATCH * self.page_size,
+                                           self.page_size)
+        w = self._zero_window
+        for i in range(0, len(pages), ZERO_BATCH):
+            batch = pages[i : i + ZERO_BATCH]
+            placed = [(k * self.page_size, self._handles[p]) for k, p in enumerate(batch)]
+            w.map_handles(placed)
+            try:
+                check("cuMemsetD8", d.cuMemsetD8(w.ptr(0), 0, len(batch) * self.page_size),
+                      f"zeroing {len(batch)} pages")
+                check("cuCtxSynchronize", d.cuCtxSynchronize(), "zeroing pages")
+            finally:
+                for off, _ in placed:
+                    w.unmap(off)
+
     def read(self, page: int, nbytes: int) -> bytes:
         if page not in self._handles:
             raise BackendError(f"GPU {self.gpu}: page {page} has no memory behind it")
@@ -365,9 +391,10 @@ class CudaBackend:
             self._scratch.unmap(0)
 
     def close(self) -> None:
-        if self._scratch is not None:
-            self._scratch.close()
-            self._scratch = None
+        for w in (self._scratch, self._zero_window):
+            if w is not None:
+                w.close()
+        self._scratch = self._zero_window = None
         for page in list(self._handles):
             self.release(page)
 

@@ -52,6 +52,16 @@ class Activity(enum.Enum):
     ASLEEP = "asleep"  # vLLM discarded its KV cache: its pages above kv_min are dead weight
 
 
+def activity_of(state: str, inflight: int, quiet_s: float | None, idle_after: float) -> Activity:
+    """A model's activity for the ledger, from what the reconciler sees: asleep (or not
+    running) engines hold dead KV; an awake one with no request for ``idle_after`` s is idle."""
+    if state not in ("awake", "moving", "waking", "starting"):
+        return Activity.ASLEEP
+    if inflight or state != "awake" or quiet_s is None or quiet_s < idle_after:
+        return Activity.AWAKE
+    return Activity.IDLE
+
+
 # Lower number gives back first.
 _GIVE_BACK_RANK = {Activity.ASLEEP: 0, Activity.IDLE: 1, Activity.AWAKE: 2}
 

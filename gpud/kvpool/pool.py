@@ -47,6 +47,10 @@ class KVPool:
         self.backend = backend
         # Free pages kept backed when the pool shrinks, so the next grant skips creation.
         self.spare_pages = spare_pages
+        # The tenant that last held each backed page: a page that goes to another model is
+        # zeroed first (so is every page fresh from the driver, which promises nothing).
+        self._holder: dict[int, str] = {}
+        self.zeroed_pages = 0
 
     @property
     def gpu(self) -> int:
@@ -73,6 +77,7 @@ class KVPool:
         pages = self.ledger.release(tenant, pages)
         for p in pages:
             self.backend.release(p)
+            self._holder.pop(p, None)
         self.ledger.mark_unbacked(pages)
 
     def claim_earmarked(self, tenant: str) -> tuple[PageRef, ...]:
@@ -90,6 +95,7 @@ class KVPool:
         for p in pages:
             self.backend.create(p)
             self.ledger.mark_backed([p])
+        self._zero(pages)
         return len(pages)
 
     def shrink(self, keep: int | None = None) -> int:
@@ -97,6 +103,7 @@ class KVPool:
         pages = self.ledger.surplus_backed(self.spare_pages if keep is None else keep)
         for p in pages:
             self.backend.release(p)
+            self._holder.pop(p, None)
             self.ledger.mark_unbacked([p])
         return len(pages)
 
@@ -115,20 +122,34 @@ class KVPool:
         s["backend"] = self.backend.name
         s["backend_info"] = self.backend.describe()
         s["bytes_total"] = self.ledger.total_pages * self.page_size
+        s["zeroed_pages"] = self.zeroed_pages
         return s
 
     def _back(self, tenant: str, pages: list[int]) -> tuple[PageRef, ...]:
         try:
+            dirty = [p for p in pages if self._holder.get(p, tenant) != tenant]
             for p in pages:
                 if not self.ledger.is_backed(p):
                     self.backend.create(p)
                     self.ledger.mark_backed([p])
+                    dirty.append(p)
+            self._zero(dirty)
         except Exception:
             # Keep the books true: the tenant did not get pages the backend could not make.
             self.ledger.release(tenant, pages)
             raise
+        for p in pages:
+            self._holder[p] = tenant
         size, fd = self.page_size, self.backend.fd
         return tuple([PageRef(p, p * size, fd(p)) for p in pages])
+
+
+    def _zero(self, pages: list[int]) -> None:
+        if pages:
+            self.backend.zero(pages)
+            self.zeroed_pages += len(pages)
+            for p in pages:
+                self._holder.pop(p, None)
 
 
 def pool_status(pools: Mapping[int, KVPool]) -> dict[str, object]:

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from gpud.kvpool import protocol
-from gpud.kvpool.ledger import LedgerError, Reclaim
+from gpud.kvpool.ledger import Activity, LedgerError, Reclaim
 from gpud.kvpool.pool import KVPool, PageRef, pool_status
 from gpud.kvpool.protocol import Message, ProtocolError
 
@@ -154,6 +154,25 @@ class KVPoolServer:
             t: len(p) for _g, t, p in sorted(self._held_back.values(), key=lambda v: v[1])
         }
         return s
+
+    def set_activity(self, tenant: str, activity: Activity) -> None:
+        """What the reconciler sees the model doing (decides whom the ledger asks first)."""
+        for pool in self.pools.values():
+            if tenant in pool.ledger.tenants() and pool.ledger.activity(tenant) is not activity:
+                pool.ledger.set_activity(tenant, activity)
+
+    async def trim(self, tenant: str) -> int:
+        """Ask a model's engines for every page above its kv_min (an idle or sleeping model);
+        they answer with what they can free (whole page groups). Returns the pages asked."""
+        asked = 0
+        for pool in self.pools.values():
+            if tenant not in pool.ledger.tenants():
+                continue
+            n = pool.ledger.reclaimable(tenant)
+            if n > 0:
+                asked += n
+                await self._reclaim(pool, [Reclaim(tenant, n, beneficiary="")])
+        return asked
 
     async def wait_until(self, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
         """Wait until ``predicate()`` holds, re-checking after every change to the pool."""

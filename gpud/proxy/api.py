@@ -8,7 +8,7 @@ upstream. This module must stay free of aiohttp and of any I/O.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -85,6 +85,12 @@ class Backend(Protocol):
         (answered, engine error, client gone): outstanding counts per engine
         drive replica balancing and draining.
         """
+        ...
+
+    def waking_upstreams(self, model: str) -> Sequence[str]:
+        """Base URLs of `model`'s engines that are running but not serving yet (asleep,
+        waking); empty when one serves. The proxy opens a connection to the first while
+        the engine wakes, so the request does not pay for it after the wake."""
         ...
 
     def request_started(self, model: str) -> None:

@@ -102,6 +102,7 @@ class Proxy:
         self.observer = observer
         self._gates: dict[str, ModelGate] = {}
         self._client: UpstreamClient | None = None
+        self._preconnects: set[asyncio.Task[None]] = set()
         self._alias_src: Mapping[str, ModelRoute] | None = None
         self._aliases: dict[str, ModelRoute] = {}
 
@@ -354,6 +355,12 @@ class Proxy:
     async def _wake_and_send(
         self, request: web.Request, path: str, body: bytes, route: ModelRoute, t0: float
     ) -> tuple[web.StreamResponse, float | None]:
+        if self._client is not None:
+            for base in self.backend.waking_upstreams(route.name)[:1]:
+                # The engine answers connections while it wakes: connect now, not after.
+                task = asyncio.create_task(self._client.preconnect(base))
+                self._preconnects.add(task)
+                task.add_done_callback(self._preconnects.discard)
         try:
             # The request's whole wait (queue and wake) counts against request_timeout.
             remaining = route.request_timeout - (time.perf_counter() - t0)

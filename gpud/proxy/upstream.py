@@ -368,6 +368,23 @@ class UpstreamClient:
             if not conn.closed and now - conn.idle_since < self.keepalive:
                 return conn
             conn.abort()
+        return await self._connect(pool)
+
+    async def preconnect(self, base: str) -> None:
+        """Open a connection to `base` now, for a request that will come (an engine
+        waking up answers connections already), unless a fresh one is idle."""
+        pool = self._pool(base)
+        now = asyncio.get_running_loop().time()
+        if any(not c.closed and now - c.idle_since < self.keepalive for c in pool.idle):
+            return
+        try:
+            conn = await self._connect(pool)
+        except (OSError, TimeoutError):
+            return  # the request will connect (and report) itself
+        pool.put(conn)
+
+    async def _connect(self, pool: _HostPool) -> _Conn:
+        loop = asyncio.get_running_loop()
         async with asyncio.timeout(self.connect_timeout):
             if pool.path is not None:
                 _, proto = await loop.create_unix_connection(lambda: _Conn(pool), pool.path)

@@ -115,12 +115,21 @@ class StateCollector(Collector):
             GaugeMetricFamily("gpud_model_memory_bytes", "Memory held by each model instance "
                               "on a GPU (NVML) or, without a GPU, its engine's host RSS.",
                               labels=["model", "device"]),
+            GaugeMetricFamily("gpud_kv_pages", "KV pool pages lent to each model, by GPU "
+                              "(one page is gpud_kv_page_bytes). No series without a pool "
+                              "model.", labels=["gpu", "model"]),
+            GaugeMetricFamily("gpud_kv_pool_pages", "KV pool pages by GPU and kind: total, "
+                              "granted, free, backed (with GPU memory behind them).",
+                              labels=["gpu", "kind"]),
+            GaugeMetricFamily("gpud_kv_page_bytes", "Bytes in one KV pool page.", labels=["gpu"]),
         )
 
     def _fill(self, state: GaugeMetricFamily, restarts: CounterMetricFamily,
               queue: GaugeMetricFamily, inflight: GaugeMetricFamily,
               config_valid: GaugeMetricFamily, profile: GaugeMetricFamily,
-              gpu_mem: GaugeMetricFamily, model_mem: GaugeMetricFamily) -> None:
+              gpu_mem: GaugeMetricFamily, model_mem: GaugeMetricFamily,
+              kv_pages: GaugeMetricFamily, kv_pool: GaugeMetricFamily,
+              kv_page: GaugeMetricFamily) -> None:
         d = self.daemon
         r = d.reconciler
         models = r.status_models()
@@ -152,6 +161,15 @@ class StateCollector(Collector):
         if not memory["gpus"]:
             for key, e in sorted(memory["host"]["engines"].items()):
                 model_mem.add_metric([key, "host"], float(e["rss"]))
+        pool = d.kvpool.status() if d.kvpool is not None else {"gpus": {}}
+        for gpu, g in sorted(pool["gpus"].items()):
+            for model, pages in sorted(g["granted"].items()):
+                kv_pages.add_metric([gpu, model], float(pages))
+            kv_pool.add_metric([gpu, "granted"], float(sum(g["granted"].values())))
+            for kind, key in (("total", "pages_total"), ("free", "pages_free"),
+                              ("backed", "pages_backed")):
+                kv_pool.add_metric([gpu, kind], float(g[key]))
+            kv_page.add_metric([gpu], float(g.get("page_size", 0)))
 
 
 class GpudMetrics:

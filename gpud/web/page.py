@@ -154,16 +154,30 @@ def render_models(status: dict[str, Any], admin: bool) -> str:
                 'validates it.</p>')
     colours = model_colours(m["model"] for m in models.values())
     memory = model_bytes(status.get("memory") or {})
+    kv = kv_pages_by_model(status)
     rows = []
     for key, m in models.items():
-        rows.append(_model_row(key, m, colours[m["model"]], memory.get(key), admin))
+        rows.append(_model_row(key, m, colours[m["model"]], memory.get(key), admin,
+                               kv.get(key) if m.get("replica") in (0, None) else None))
     head = ("<thead><tr><th>Model</th><th>State</th><th>Why</th><th>Up</th>"
             "<th>In flight</th><th>Memory</th>" + ("<th>Actions</th>" if admin else "")
             + "</tr></thead>")
     return f'<table class="models">{head}<tbody>{"".join(rows)}</tbody></table>'
 
 
-def _model_row(key: str, m: dict[str, Any], colour: str, mem: int | None, admin: bool) -> str:
+def kv_pages_by_model(status: dict[str, Any]) -> dict[str, tuple[int, int]]:
+    """(pages, bytes) lent by gpud's KV pool to each model, over all GPUs."""
+    out: dict[str, tuple[int, int]] = {}
+    for g in ((status.get("kvpool") or {}).get("gpus") or {}).values():
+        size = int(g.get("page_size") or 0)
+        for model, pages in (g.get("granted") or {}).items():
+            n, b = out.get(model, (0, 0))
+            out[model] = (n + int(pages), b + int(pages) * size)
+    return out
+
+
+def _model_row(key: str, m: dict[str, Any], colour: str, mem: int | None, admin: bool,
+               kv: tuple[int, int] | None = None) -> str:
     state = str(m.get("state", "unloaded"))
     desired = m.get("desired")
     goal = (f' <span class="goal" title="desired state">→ {esc(desired)}</span>'
@@ -188,7 +202,9 @@ def _model_row(key: str, m: dict[str, Any], colour: str, mem: int | None, admin:
         _cell("Why", "reason", f"{esc(m.get('reason'))}{layer}{error}"),
         _cell("Up", "up", esc(up), f"state since {m.get('state_since') or ''}"),
         _cell("In flight", "flight", esc(flight), "in flight / queued"),
-        _cell("Memory", "mem", esc(human_bytes(mem) if mem else "–")),
+        _cell("Memory", "mem", esc(human_bytes(mem) if mem else "–") + (
+            f'<div class="sub kv">KV pool: {kv[0]} pages ({esc(human_bytes(kv[1]))})</div>'
+            if kv is not None else "")),
     ]
     if admin:
         cells.append(_cell("Actions", "actions", _buttons(m, state)))
