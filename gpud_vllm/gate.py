@@ -25,7 +25,7 @@ REFUSED = "gpud-kv: refused:"
 ENV_SOCKET = "GPUD_KV_SOCKET"
 ENV_TENANT = "GPUD_TENANT"
 
-log = logging.getLogger("gpud_vllm")
+log = logging.getLogger("vllm.gpud_kv")  # under vLLM's logger: its handlers, its format
 
 
 class KVPluginRefusedError(RuntimeError):

@@ -21,7 +21,7 @@ from typing import Protocol
 from gpud_vllm.book import BlockBook
 from gpud_vllm.geometry import KVGeometry
 
-log = logging.getLogger("gpud_vllm")
+log = logging.getLogger("vllm.gpud_kv")  # under vLLM's logger: its handlers, its format
 
 #: Called with block ids leaving service (a group being retired): drop them from vLLM's
 #: free queue and forget their prefix-cache hashes.

@@ -31,6 +31,7 @@ import logging
 import select
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Any
@@ -39,9 +40,12 @@ from gpud_vllm import gate
 from gpud_vllm.geometry import PAGE_SIZE, KVGeometry, dtype_bytes
 from gpud_vllm.lease import PoolExhausted, PoolLink
 
-log = logging.getLogger("gpud_vllm")
+log = logging.getLogger("vllm.gpud_kv")  # under vLLM's logger: its handlers, its format
 
 Hook = Callable[[ModuleType], None]
+
+# When the block pool must grow, it asks for at least this share of what it has mapped.
+GROW_AHEAD_NUM, GROW_AHEAD_DEN = 1, 4
 
 # -- post-import hooks ---------------------------------------------------------------------
 
@@ -181,6 +185,22 @@ class _Plugin:
                 log.info("gpud-kv: wake took page group 0 back")
 
 
+class _Throttled:
+    """One warning per ``every`` seconds while the pool stays exhausted, with a count."""
+
+    def __init__(self, every: float = 10.0) -> None:
+        self.every, self.last, self.count = every, -1e9, 0
+
+    def note(self, why: str) -> None:
+        self.count += 1
+        now = time.monotonic()
+        if now - self.last >= self.every:
+            log.warning("gpud-kv: pool exhausted, the scheduler preempts or queues "
+                        "(%d times so far): %s", self.count, why)
+            self.last = now
+
+
+_exhausted = _Throttled()
 plugin = _Plugin()
 _pool_ref: list[Any] = []  # the GpudBlockPool of this process, once the scheduler made it
 
@@ -281,11 +301,28 @@ def _make_block_pool(mod: ModuleType) -> type:
                 self._maybe_evict_cached_block(block)
                 self.free_block_queue.remove(block)
 
+        def _cached_at_front(self, n: int) -> int:
+            """How many of the next ``n`` blocks vLLM would take still hold prefix cache."""
+            q, count = self.free_block_queue, 0
+            block = q.fake_free_list_head.next_free_block
+            while n > 0 and block is not None and block is not q.fake_free_list_tail:
+                if block.block_hash is not None:
+                    count += 1
+                block, n = block.next_free_block, n - 1
+            return count
+
         def get_new_blocks(self, num_blocks: int) -> list[Any]:
+            # Stock vLLM takes never-used blocks before it evicts cached ones, and its whole
+            # KV budget is mapped; here that means growing before evicting, while gpud lends.
             short = num_blocks - self.get_num_free_blocks()
+            if self.enable_caching and self.link.can_grow():
+                short = max(short, self._cached_at_front(num_blocks))
             if short > 0:
-                self.grow(self.link.geometry.groups_for(short))
-                if num_blocks > self.get_num_free_blocks():
+                # A quarter more than mapped now, at least what is short: a burst pays one
+                # round trip to gpud per step of growth, not one per page group.
+                ahead = -(-len(self.link.book.mapped_groups) * GROW_AHEAD_NUM // GROW_AHEAD_DEN)
+                self.grow(max(self.link.geometry.groups_for(short), ahead))
+                if num_blocks > self.get_num_free_blocks():  # gpud lent too little
                     raise PoolExhausted(
                         f"{num_blocks} blocks wanted, {self.get_num_free_blocks()} mapped free: "
                         f"{self.link.last_refusal}"
@@ -373,7 +410,7 @@ def _patch_allocate_slots(mod: ModuleType) -> None:
                 step *= 2
             return out
         except PoolExhausted as e:
-            log.warning("gpud-kv: pool exhausted, the scheduler preempts: %s", e)
+            _exhausted.note(str(e))
             return None
 
     cls.allocate_slots = allocate_slots

@@ -46,7 +46,7 @@ def test_refuses_any_other_vllm_with_one_line(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setenv("GPUD_KV_SOCKET", "/run/gpud/kvpool.sock")
     fake_vllm(monkeypatch, version)
     before = list(sys.meta_path)
-    with caplog.at_level(logging.ERROR, "gpud_vllm"), \
+    with caplog.at_level(logging.ERROR, "vllm.gpud_kv"), \
             pytest.raises(gate.KVPluginRefusedError) as err:
         gpud_vllm.register()
     lines = [r.getMessage() for r in caplog.records]

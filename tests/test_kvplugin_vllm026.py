@@ -55,6 +55,17 @@ try:
 except Exception as e: print("exhausted:", type(e).__name__, e)
 print("sleep pages", link.sleep(), "free", p.get_num_free_blocks()); p.add_free(link.wake()); print("woke free", p.get_num_free_blocks())
 link.book.check()
+# Prefix cache kept as stock keeps it: with cached blocks at the front of the free queue,
+# the pool grows (while gpud lends) instead of evicting them.
+link2 = PoolLink(geo, FakePool(cap=2*3), MemfdGroupMapper(2, PAGE)); link2.start()
+p2 = Pool(num_gpu_blocks=40, enable_caching=True, hash_block_size=16, link=link2)
+cached = p2.get_new_blocks(7)
+for x in cached:
+    x._block_hash, x._block_hash_num_tokens = b"h%d" % x.block_id, 16
+p2.free_blocks(cached)
+fresh = p2.get_new_blocks(2)
+print("cache kept", all(x.block_hash is not None for x in cached), "groups", link2.summary()["groups_mapped"], "fresh", sorted(x.block_id for x in fresh))
+link2.book.check()
 """
 
 
@@ -76,4 +87,5 @@ def test_block_pool_patch_on_real_vllm_0_26(tmp_path: Path) -> None:
     assert "reset True" in out.stdout and "gave back [2, 3]" in out.stdout
     assert "exhausted: PoolExhausted" in out.stdout
     assert "sleep pages 4 free 0" in out.stdout and "woke free 7" in out.stdout
+    assert "cache kept True groups 2 fresh [8, 9]" in out.stdout, out.stdout
     assert sys.version_info >= (3, 11)

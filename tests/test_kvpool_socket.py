@@ -151,12 +151,17 @@ async def test_two_engines_share_pages_and_a_killed_one_gives_them_all_back(
     assert pool.read(page, 32).rstrip(b"\0") == f"low:{page}".encode()
 
     # "high" wants 8, only 4 are free: "low" (lower priority, above its minimum) gives back 4.
+    created: list[int] = []
+    create = pool.backend.create
+    pool.backend.create = lambda p: created.append(p) or create(p)  # type: ignore[method-assign]
     await high.send("grant 8")
     gave = await low.read("gave_back")
     assert len(gave["gave_back"]) == 4
     got_high = await high.read("granted")
     assert len(got_high["granted"]) == 8 and got_high["refused"] == 0
     assert set(got_high["granted"]) >= set(gave["gave_back"])
+    # The 4 pages low gave back went to high as they were (zeroed), not through the driver.
+    assert len(created) == 4 and not set(created) & set(gave["gave_back"])
     status = server.status()
     assert status["backend"] == "memfd"
     assert status["gpus"]["0"]["granted"] == {"high": 8, "low": 8}  # type: ignore[index]

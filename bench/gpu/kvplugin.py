@@ -54,6 +54,16 @@ PROMPTS = [  # shared prefixes so the second pass hits the prefix cache
     "Once upon a time, " * 40 + "the dragon said",
 ]
 
+# Never sent before the check they serve (no cached prefix on either engine): the numerics
+# of a cached prefix differ slightly from a full prefill, which flips random-weight models'
+# greedy tokens in stock vLLM too.
+FRESH = [
+    "Zebras graze on the open plains while",
+    "Quantum computers differ from classical ones because",
+    "Kettles whistle when the water inside",
+    "Violins are tuned in fifths, so that",
+]
+
 
 # -- gpud's pool, in this process -------------------------------------------------------
 
@@ -252,6 +262,8 @@ def phase_single(args: argparse.Namespace, work: Path, shim: Path, v1: bool) -> 
                    extra=args.extra, shim=shim)
     stock.wait_healthy()
     res["stock_outputs"] = [stock.complete(p)[0] for p in PROMPTS * 2]
+    res["stock_prefix_hits"] = stock.metrics().get("vllm:prefix_cache_hits_total")
+    res["stock_fresh"] = [stock.complete(p)[0] for p in FRESH]
     stock.stop()
 
     sock = work / "kvpool.sock"
@@ -267,6 +279,7 @@ def phase_single(args: argparse.Namespace, work: Path, shim: Path, v1: bool) -> 
         # 1. greedy outputs identical, prefix-cache hits included (PROMPTS twice)
         outs = [eng.complete(p)[0] for p in PROMPTS * 2]
         res["item1_identical"] = outs == res["stock_outputs"]
+        res["item1_outputs"] = outs
         res["item1_mismatches"] = [i for i, (a, b) in enumerate(
             zip(outs, res["stock_outputs"], strict=True)) if a != b]
         res["item1_prefix_hits"] = eng.metrics().get("vllm:prefix_cache_hits_total")
@@ -299,8 +312,7 @@ def phase_single(args: argparse.Namespace, work: Path, shim: Path, v1: bool) -> 
                                                 - mid["granted"].get("pooled", 0)) * PAGE}
         # second wave grows again and stays correct
         res["wave2"] = load(eng, 64, 256, PROMPTS)
-        res["wave2_identical"] = [eng.complete(p)[0] for p in PROMPTS] == res[
-            "stock_outputs"][: len(PROMPTS)]
+        res["wave2_identical"] = [eng.complete(p)[0] for p in FRESH] == res["stock_fresh"]
         # 5. sleep returns every page; wake serves correctly
         t0 = time.monotonic()
         res["sleep_http"] = http("POST", eng.url + "/sleep?level=1")[0]
@@ -324,8 +336,8 @@ def phase_single(args: argparse.Namespace, work: Path, shim: Path, v1: bool) -> 
         wave = load(eng, 48, 512, [p * 3 for p in PROMPTS])
         res["item4"] = {**wave, "alive": eng.proc.poll() is None, "metrics": eng.metrics(),
                         "pages": pool.snapshot()["granted"].get("capped"),
-                        "log_exhausted": sum("pool exhausted" in ln
-                                             for ln in eng.log.read_text().splitlines())}
+                        "log_exhausted": [ln[-240:] for ln in eng.log.read_text().splitlines()
+                                          if "pool exhausted" in ln][-3:]}
     finally:
         eng.stop()
         pool.close()
@@ -340,9 +352,8 @@ def phase_smoke(args: argparse.Namespace, work: Path, shim: Path) -> dict[str, A
     kv_pages = args.kv_bytes // PAGE
     pool = Pool(sock, [TenantSpec("smoke", 16, kv_pages, 10), TenantSpec("other", 0, None, 10)],
                 kv_pages + 64)
-    extra = args.extra if "--enforce-eager" in args.extra else [*args.extra, "--enforce-eager"]
     eng = Engine("smoke", args.model, 8109, work, kv_bytes=args.kv_bytes, sock=sock, v1=False,
-                 extra=extra, shim=shim)
+                 extra=args.extra, shim=shim)
     steps: list[Any] = []
     res["steps"] = steps
     try:
@@ -408,6 +419,24 @@ def phase_share(args: argparse.Namespace, work: Path, shim: Path) -> dict[str, A
     return res
 
 
+# Rough seconds per phase on the H100 (a phase is skipped when less is left).
+NEEDS = {"smoke": 90, "v2": 240, "v1": 200, "share": 240}
+
+
+def _headline(r: dict[str, Any]) -> dict[str, Any]:
+    """The figures that decide each item, for the call's output."""
+    keys = ("error", "ok", "steps", "zero_check", "start_s", "item1_identical",
+            "item1_mismatches", "item1_prefix_hits", "stock_prefix_hits", "item2", "item3",
+            "wave1", "wave2", "wave2_identical", "item4", "item5", "fixed", "pool", "plugin_log")
+    out = {k: r[k] for k in keys if k in r}
+    for k in ("fixed", "pool"):
+        if isinstance(out.get(k), dict):
+            out[k] = {x: out[k].get(x) for x in ("ok", "errors", "ttft_p50", "ttft_p95", "ledger")}
+    if isinstance(out.get("item4"), dict):
+        out["item4"] = {k: v for k, v in out["item4"].items() if k != "metrics"}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="/tmp/models/large")
@@ -416,6 +445,10 @@ def main() -> None:
     ap.add_argument("--kv-bytes", type=int, default=8 * 1024 * MiB)
     ap.add_argument("--share-bytes", type=int, default=3 * 1024 * MiB)
     ap.add_argument("--smoke-timeout", type=float, default=150)
+    ap.add_argument("--deadline", type=float, default=580, help="seconds for all phases")
+    ap.add_argument("--eager-phases", default="smoke,v1,share",
+                    help="phases whose engines run --enforce-eager (the others capture CUDA "
+                    "graphs, vLLM's default)")
     ap.add_argument("--extra", action="append", default=[],
                     help="extra vLLM flag (use --extra=--enforce-eager)")
     args = ap.parse_args()
@@ -424,8 +457,23 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="kvplugin-", dir="/tmp"))
     shim = plugin_shim(work / "shim")
     results: dict[str, Any] = {"model": args.model, "kv_bytes": args.kv_bytes}
+    t_start = time.monotonic()
+    base_extra = list(args.extra)
     for phase in args.phases.split(","):
         t0 = time.monotonic()
+        left = args.deadline - (t0 - t_start)
+        if left < NEEDS.get(phase, 0):
+            results[phase] = {"skipped": f"{left:.0f}s left, needs ~{NEEDS.get(phase)}s"}
+            print(f"[{phase}] skipped: {results[phase]['skipped']}", flush=True)
+            continue
+        if phase != "smoke" and "smoke" in results and not results["smoke"].get("ok"):
+            results[phase] = {"skipped": "the smoke phase failed"}
+            print(f"[{phase}] skipped: the smoke phase failed", flush=True)
+            continue
+        print(f"[{phase}] ... ({left:.0f}s left)", flush=True)
+        eager = phase in args.eager_phases.split(",")
+        args.extra = [x for x in base_extra if x != "--enforce-eager"] + (
+            ["--enforce-eager"] if eager else [])
         try:
             if phase in ("v2", "v1"):
                 results[phase] = phase_single(args, work, shim, v1=phase == "v1")
@@ -438,12 +486,14 @@ def main() -> None:
         except Exception as e:
             results[phase] = {"error": repr(e)}
         results[phase]["wall_s"] = round(time.monotonic() - t0, 1)
+        print(f"[{phase}] done in {results[phase]['wall_s']}s: "
+              + json.dumps(_headline(results[phase]), default=str)[:2500], flush=True)
         (out / f"kvplugin-{phase}.json").write_text(json.dumps(results[phase], indent=2,
                                                                default=str))
         for log in work.glob("*.log"):
             (out / f"kvplugin-{phase}-{log.name}").write_text(
                 "\n".join(log.read_text(errors="replace").splitlines()[-400:]))
-    print(json.dumps({k: v for k, v in results.items()}, indent=1, default=str)[:6000])
+    (out / "kvplugin.json").write_text(json.dumps(results, indent=1, default=str))
 
 
 if __name__ == "__main__":

@@ -476,6 +476,10 @@ class PoolLedger:
     def free_backed(self) -> list[int]:
         return sorted(self._free.backed())
 
+    def earmarked_total(self) -> int:
+        """Free pages set aside for tenants waiting on a give-back."""
+        return sum(t.earmarked for t in self._tenants.values())
+
     def surplus_backed(self, keep: int) -> list[int]:
         """Free pages with memory behind them beyond ``keep`` spares: release these to shrink."""
         spare = sorted(self._free.backed(), reverse=True)

@@ -99,8 +99,12 @@ class KVPool:
         return len(pages)
 
     def shrink(self, keep: int | None = None) -> int:
-        """Give free pages' memory back to the driver, keeping ``keep`` spares. Returns how many."""
-        pages = self.ledger.surplus_backed(self.spare_pages if keep is None else keep)
+        """Give free pages' memory back to the driver, keeping ``keep`` spares (default: the
+        pool's spares plus the pages earmarked for a waiting model, which go to it as they
+        are, zeroed, instead of back to the driver and out again). Returns how many."""
+        if keep is None:
+            keep = self.spare_pages + self.ledger.earmarked_total()
+        pages = self.ledger.surplus_backed(keep)
         for p in pages:
             self.backend.release(p)
             self._holder.pop(p, None)

@@ -72,6 +72,13 @@ def error_response(
     return web.json_response(body, status=status, headers=headers)
 
 
+
+class _StreamResponse(web.StreamResponse):
+    """Headers go out with the first chunk, in one send: on the first token's path a
+    separate send costs ~0.1 ms of loopback TCP (aiohttp's own web.Response does this)."""
+
+    _send_headers_immediately = False
+
 class _Reject(Exception):
     """Raised inside the handler to answer with an error response."""
 
@@ -431,7 +438,7 @@ class Proxy:
     ) -> tuple[web.StreamResponse, float | None]:
         headers["Cache-Control"] = "no-cache"
         headers["X-Accel-Buffering"] = "no"
-        resp = web.StreamResponse(status=upstream.status, headers=headers)
+        resp = _StreamResponse(status=upstream.status, headers=headers)
         await resp.prepare(request)
         ttft: float | None = None
         try:
