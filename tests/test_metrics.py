@@ -227,3 +227,20 @@ async def test_kv_pool_pages_per_model_and_the_model_asleep_to_the_ledger(tmp_pa
     assert kinds[("0", "total")] == 32.0 and kinds[("0", "granted")] == 3.0
     assert kinds[("0", "free")] == 29.0
     assert samples("gpud_kv_page_bytes") == {("0",): 2.0 * 1024 * 1024}
+
+
+def test_a_pool_models_engine_gets_the_plugins_env_and_kv_max(tmp_path: Path) -> None:
+    """What gpud adds for the gpud_vllm plugin: its socket, the model, the GPU, and
+    --kv-cache-memory-bytes = kv_max (vLLM's virtual KV size; pages come as load grows)."""
+    from gpud.engines.vllm import build_argv, build_env
+
+    pooled = MODELS.replace('state = "unloaded"\n', 'state = "unloaded"\ngpu = 0\n'
+                            'kv_min = "64MiB"\nkv_max = "8GiB"\n', 1)
+    path = write_config(tmp_path, pooled)
+    daemon = Daemon(load_config(path), path, stop_engines_on_exit=True)
+    r = daemon.reconciler
+    spec = r.spec_for(r.desired()["chat"])
+    env = dict(build_env(spec, {}))
+    assert env["GPUD_KV_SOCKET"] == str(tmp_path / "run" / "kvpool.sock")
+    assert env["GPUD_TENANT"] == "chat" and env["GPUD_GPU"] == "0"
+    assert " ".join(build_argv(spec, 18001)).count(f"--kv-cache-memory-bytes {8 << 30}") == 1

@@ -11,7 +11,7 @@ cache; see bench/gpu/KVPLUGIN_RUN.md):
   share   item 7: two pool engines sharing one pool vs two fixed reservations
   smoke   a quick first look: one pooled engine, completions, a small load, sleep, wake
 
-NOT yet run: written on a CPU machine and only checked for syntax.
+Run on the lent H100 on 2026-11-23: bench/results/kvplugin-h100.md.
 """
 
 from __future__ import annotations
@@ -474,13 +474,15 @@ def main() -> None:
         eager = phase in args.eager_phases.split(",")
         args.extra = [x for x in base_extra if x != "--enforce-eager"] + (
             ["--enforce-eager"] if eager else [])
+        pwork = work / phase  # this phase's engine logs and sockets
+        pwork.mkdir()
         try:
             if phase in ("v2", "v1"):
-                results[phase] = phase_single(args, work, shim, v1=phase == "v1")
+                results[phase] = phase_single(args, pwork, shim, v1=phase == "v1")
             elif phase == "smoke":
-                results[phase] = phase_smoke(args, work, shim)
+                results[phase] = phase_smoke(args, pwork, shim)
             elif phase == "share":
-                results[phase] = phase_share(args, work, shim)
+                results[phase] = phase_share(args, pwork, shim)
             else:
                 raise SystemExit(f"unknown phase {phase!r}")
         except Exception as e:
@@ -490,9 +492,15 @@ def main() -> None:
               + json.dumps(_headline(results[phase]), default=str)[:2500], flush=True)
         (out / f"kvplugin-{phase}.json").write_text(json.dumps(results[phase], indent=2,
                                                                default=str))
-        for log in work.glob("*.log"):
-            (out / f"kvplugin-{phase}-{log.name}").write_text(
-                "\n".join(log.read_text(errors="replace").splitlines()[-400:]))
+        # One file per phase (the device returns a limited number of files): each engine's
+        # plugin lines and errors, then its last lines.
+        parts = []
+        for log in sorted(pwork.glob("*.log")):
+            lines = log.read_text(errors="replace").splitlines()
+            keep = [ln for ln in lines if "gpud-kv" in ln or "ERROR" in ln or "Traceback" in ln]
+            parts += [f"==== {log.name}: plugin lines and errors ====", *keep[-80:],
+                      f"==== {log.name}: last 60 lines ====", *lines[-60:]]
+        (out / f"kvplugin-{phase}-logs.txt").write_text("\n".join(parts) + "\n")
     (out / "kvplugin.json").write_text(json.dumps(results, indent=1, default=str))
 
 
