@@ -674,7 +674,7 @@ class Bench:
         per: list[dict[str, Any]] = []
         res["per_boundary"] = per
         res["prewake_s"] = self.a.prewake_s
-        n = self.a.reps
+        n = self.a.prewake_reps
         while n > 1 and n * (lead + 8) + lead + 20 > self.left():
             n -= 1
         for i in range(n):
@@ -930,7 +930,10 @@ def main() -> None:
     ap.add_argument("--python-gpud", default=sys.executable)
     ap.add_argument("--gpud-path", default=str(REPO), help="prepended to PYTHONPATH")
     ap.add_argument("--port", type=int, default=8391)
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=5,
+                    help="repetitions per figure (run4's samples spread 2-4x: use 11+ for "
+                    "the 5%% targets)")
+    ap.add_argument("--prewake-reps", type=int, default=5, help="boundaries in the prewake stage")
     ap.add_argument("--prewake-s", type=int, default=30)
     ap.add_argument("--kv", default="", help="KV budgets, e.g. tiny=8GiB,large=16GiB")
     ap.add_argument("--deadline", type=float, default=560, help="seconds for the whole run")
