@@ -82,6 +82,7 @@ class Daemon:
         self.proxy: Any = None
         self.scheduler: Any = None
         self.kvpool: Any = None
+        self.kvpool_problems: list[str] = []
         self._kv_trimmed: set[str] = set()  # pool models trimmed in their current quiet spell
         self._kv_tasks: set[asyncio.Task[int]] = set()
         self.memory: dict[str, Any] | None = None
@@ -146,6 +147,7 @@ class Daemon:
                             "error": None}
                 old = self.loaded.revision
                 self.loaded = new
+                await self._sync_kvpool()  # before the reconciler starts any new pool engine
                 self.reconciler.set_config(new)
                 self.admin_token = self._read_admin_token()
                 if self.proxy is not None:
@@ -228,6 +230,8 @@ class Daemon:
             "kvpool": self.kvpool.status() if self.kvpool is not None else
             {"backend": "none", "gpus": {}, "note": "no model uses the KV pool"},
         }
+        if self.kvpool_problems:
+            out["kvpool"]["problems"] = list(self.kvpool_problems)
         fresh = self.memory is not None and time.monotonic() - self.memory_at < 2.0
         out["memory"] = self.memory if fresh else memory_status(self)
         # Per model: GPU bytes (NVML, the engine's whole process group) where a GPU holds
@@ -409,6 +413,16 @@ class Daemon:
         except Exception as exc:
             log.error("KV pool not started: %s", exc)
             self.kvpool = None
+
+    async def _sync_kvpool(self) -> None:
+        """A reload: pool models that joined become tenants (the pool starts if it was not
+        running); changed budgets apply; what cannot is logged and shown in status."""
+        from gpud.kvpool.setup import sync_server
+
+        if self.kvpool is None:
+            await self._start_kvpool()
+            return
+        self.kvpool_problems = sync_server(self.kvpool, self.loaded.config)
 
     def _kv_activity(self) -> None:
         """After each pass: tell the pool what each pool model is doing, and trim a model

@@ -244,3 +244,20 @@ def test_a_pool_models_engine_gets_the_plugins_env_and_kv_max(tmp_path: Path) ->
     assert env["GPUD_KV_SOCKET"] == str(tmp_path / "run" / "kvpool.sock")
     assert env["GPUD_TENANT"] == "chat" and env["GPUD_GPU"] == "0"
     assert " ".join(build_argv(spec, 18001)).count(f"--kv-cache-memory-bytes {8 << 30}") == 1
+
+
+async def test_a_reload_that_adds_a_pool_model_starts_the_pool(tmp_path: Path) -> None:
+    path = write_config(tmp_path, MODELS)
+    async with serve(path) as (client, daemon, _m):
+        assert daemon.kvpool is None
+        (tmp_path / "run").mkdir(exist_ok=True)
+        path.write_text(path.read_text().replace(
+            'state = "unloaded"\n', 'state = "unloaded"\nkv_max = "64MiB"\n', 1))
+        result = await daemon.reload(source="test")
+        assert result["valid"] and result["changed"]
+        try:
+            status = await (await client.get("/api/v1/status")).json()
+            assert status["kvpool"]["gpus"]["0"]["tenants"]["chat"]["kv_max"] == 32
+            assert (tmp_path / "run" / "kvpool.sock").exists()
+        finally:
+            await daemon.kvpool.close()

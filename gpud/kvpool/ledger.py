@@ -209,6 +209,14 @@ class PoolLedger:
         # giver -> beneficiary -> pages asked back and not yet returned.
         self._owed: dict[str, dict[str, int]] = {}
 
+    def grow(self, pages: int) -> None:
+        """Add ``pages`` page numbers to the pool (a model joined it on a config reload)."""
+        if pages < 0:
+            raise LedgerError(f"GPU {self.gpu}: cannot grow the pool by {pages} pages")
+        for p in range(self.total_pages, self.total_pages + pages):
+            self._free.add(p)
+        self.total_pages += pages
+
     # -- tenants ---------------------------------------------------------------
 
     def add_tenant(self, spec: TenantSpec, activity: Activity = Activity.AWAKE) -> None:
