@@ -365,6 +365,25 @@ async def test_stream_chunks_arrive_before_the_upstream_finishes(env: Env) -> No
     assert ttft is not None and ttft < duration
 
 
+async def test_timing_marks_say_where_a_requests_time_went(env: Env) -> None:
+    """The test hook behind bench/gpu/gpu_truth.py's split of a slow first token."""
+    import collections
+
+    env.proxy.timings = collections.deque(maxlen=8)
+    env.backend.wake_delay = 0.05
+    r = await env.post("/v1/chat/completions", chat_body("sleepy", stream=True, chunks=2))
+    assert r.status == 200
+    await r.read()
+    await wait_until(lambda: len(env.proxy.timings or ()) == 1)
+    (m,) = env.proxy.timings or ()
+    assert (m["model"], m["path"], m["status"]) == ("sleepy", "/v1/chat/completions", 200)
+    order = ["routed_ms", "upstream_ready_ms", "upstream_head_ms", "upstream_first_chunk_ms",
+             "first_chunk_written_ms"]
+    values = [m[k] for k in order]
+    assert values == sorted(values)
+    assert m["upstream_ready_ms"] >= 50  # the wake is in it
+
+
 async def test_client_disconnect_cancels_the_upstream_request(env: Env) -> None:
     r = await env.post("/v1/chat/completions", chat_body("chat", stream=True, chunks=5, hold=1))
     await r.content.readuntil(b"\n\n")

@@ -567,10 +567,12 @@ class Bench:
                             raw_wake.append(tw)
                             same_r.append(text == self.ref_text.get(m))
             woke = [e for e in self.g.events() if e["kind"] == "woke" and e["model"] == m]
+            marks = [x for x in self.marks() if x.get("model") == m][-self.a.reps:]
             out[m] = {"gpud_ttft_s": g, "raw_ttft_s": raw, "raw_wake_call_s": raw_wake,
                       "gpud_median": med(g), "raw_median": med(raw),
                       "ratio": round(med(g) / med(raw), 3) if g and raw else None,
                       "gpud_woke_event_s": [e.get("duration") for e in woke][-self.a.reps:],
+                      "gpud_marks": marks,
                       "same_text_gpud": same_g, "same_text_raw": same_r}
         res["models"] = out
         res["summary"] = {m: {"gpud": out[m]["gpud_median"], "raw": out[m]["raw_median"],
@@ -683,7 +685,7 @@ class Bench:
             per.append(row)
             self.g.wait_states({m: "asleep" for m in MODELS}, 60)
             self.g.wait(lambda: all(self.engine_sleeping(m) for m in MODELS), 30, "asleep")
-            t_set = time.monotonic()
+            t_set, wall_set = time.monotonic(), time.time()
             self.set_clock(bi - timedelta(seconds=lead))
             t_b = t_set + lead  # the boundary, in real monotonic time
             _sleep_mono(t_b - self.a.prewake_s - 1)
@@ -700,6 +702,9 @@ class Bench:
             row["next_requests_ttft_s"] = {m: [stream(self.a.port, m)[0] for _ in range(2)]
                                            for m in MODELS}
             row["profile_after"] = self.g.status()["profile"]
+            # gpud's own marks for the requests at the boundary: where their time went
+            row["gpud_marks"] = [m for m in self.marks()
+                                 if wall_set + lead - 0.5 <= m["at"] <= wall_set + lead + 2]
             if i == 0:  # the control: awake and idle as long as before the boundary
                 _sleep_mono(t_b + self.a.prewake_s)
                 row["idle_control_ttft_s"] = {m: stream(self.a.port, m)[0] for m in order}
@@ -726,6 +731,13 @@ class Bench:
                                                if e["kind"] == "keep_warm"
                                                and e.get("model") == m)}
         res["summary"] = summ
+
+    def marks(self) -> list[dict[str, Any]]:
+        """gpud's timing marks of its last proxied requests (test hook; ms from arrival)."""
+        try:
+            return list(self.g.get("/api/v1/debug/requests")["requests"])
+        except (OSError, ValueError, KeyError):
+            return []
 
     def set_clock(self, at: datetime) -> None:
         http_json("POST", self.g.url + "/api/v1/debug/clock", {"now": at.isoformat()})

@@ -15,6 +15,7 @@ sweep (`disconnect_check`, every second) finds the departed clients.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import math
@@ -73,6 +74,15 @@ def error_response(
 
 
 
+def _mark(request: web.Request, name: str) -> None:
+    marks = request.get(_MARKS)
+    if marks is not None:
+        marks[name] = round((time.perf_counter() - marks["t0"]) * 1000, 3)
+
+
+_MARKS = web.RequestKey("gpud_timing_marks", dict)
+
+
 class _StreamResponse(web.StreamResponse):
     """Headers go out with the first chunk, in one send: on the first token's path a
     separate send costs ~0.1 ms of loopback TCP (aiohttp's own web.Response does this)."""
@@ -110,6 +120,9 @@ class Proxy:
         self._gates: dict[str, ModelGate] = {}
         self._client: UpstreamClient | None = None
         self._preconnects: set[asyncio.Task[None]] = set()
+        # Per-request timing marks of the last requests (a test hook, off by default): where
+        # a slow first token spent its time inside gpud (bench/gpu/gpu_truth.py reads them).
+        self.timings: collections.deque[dict[str, Any]] | None = None
         self._alias_src: Mapping[str, ModelRoute] | None = None
         self._aliases: dict[str, ModelRoute] = {}
 
@@ -259,6 +272,10 @@ class Proxy:
         task = asyncio.current_task()
         assert task is not None
         self._active[task] = request
+        marks: dict[str, Any] | None = None
+        if self.timings is not None:
+            marks = {"t0": t0, "at": time.time(), "path": path}
+            request[_MARKS] = marks
         try:
             key = self._authenticate(request)
             if isinstance(key, web.Response):
@@ -266,18 +283,29 @@ class Proxy:
             body = await request.read()
             route = self._route_for(body, path, key)
             model = route.name
+            if marks is not None:
+                marks["model"] = model
+                _mark(request, "routed_ms")
             resp, ttft = await self._admit_and_forward(request, path, body, route, t0)
         except _Reject as r:
             resp, ttft = r.response, None
         except asyncio.CancelledError:
             if observer is not None:  # 499: the client closed the request (nginx's code)
                 observer.request_done(model, path, 499, time.perf_counter() - t0, None)
+            self._record(marks, 499)
             raise
         finally:
             del self._active[task]
+        self._record(marks, resp.status)
         if observer is not None:
             observer.request_done(model, path, resp.status, time.perf_counter() - t0, ttft)
         return resp
+
+    def _record(self, marks: dict[str, Any] | None, status: int) -> None:
+        if marks is not None and self.timings is not None:
+            marks.pop("t0", None)
+            marks["status"] = status
+            self.timings.append(marks)
 
     def _route_for(self, body: bytes, path: str, key: ApiKey | None) -> ModelRoute:
         try:
@@ -379,6 +407,7 @@ class Proxy:
             return error_response(
                 503, e.reason, e.code, type_="service_unavailable", retry_after=e.retry_after
             ), None
+        _mark(request, "upstream_ready_ms")
         try:
             return await self._send(request, base, path, body, route, t0)
         finally:
@@ -405,6 +434,7 @@ class Proxy:
                 "upstream_unreachable",
                 type_="service_unavailable",
             ), None
+        _mark(request, "upstream_head_ms")
         try:
             uh = upstream.headers
             out = CIMultiDict[str]()
@@ -444,8 +474,10 @@ class Proxy:
         try:
             chunk = await upstream.readany()
             if chunk:
+                _mark(request, "upstream_first_chunk_ms")
                 await resp.write(chunk)
                 ttft = time.perf_counter() - t0
+                _mark(request, "first_chunk_written_ms")
             while chunk:
                 chunk = await upstream.readany()
                 if chunk:

@@ -8,6 +8,7 @@ admin token. Bad input gets a 4xx in OpenAI's error shape, never a 500.
 from __future__ import annotations
 
 import asyncio
+import collections
 import hmac
 import ipaddress
 import json
@@ -279,6 +280,14 @@ async def debug_clock(request: web.Request) -> web.Response:
     return web.json_response({"ok": True, "now": d.reconciler.now().isoformat()})
 
 
+async def debug_requests(request: web.Request) -> web.Response:
+    """Test hook (GPUD_TEST_HOOKS=1 only): the proxy's timing marks of the last requests,
+    milliseconds from arrival: routed, upstream ready (woken), upstream head, first chunk."""
+    d = _daemon(request)
+    timings = d.proxy.timings if d.proxy is not None else None
+    return web.json_response({"requests": list(timings or [])})
+
+
 def install(app: web.Application, daemon: Daemon, *, test_hooks: bool = False) -> None:
     app[DAEMON_KEY] = daemon
     app.middlewares.append(admin_writes)
@@ -300,3 +309,6 @@ def install(app: web.Application, daemon: Daemon, *, test_hooks: bool = False) -
     if test_hooks:
         r.add_post("/api/v1/debug/stall", debug_stall)
         r.add_post("/api/v1/debug/clock", debug_clock)
+        r.add_get("/api/v1/debug/requests", debug_requests)
+        if daemon.proxy is not None:
+            daemon.proxy.timings = collections.deque(maxlen=256)
