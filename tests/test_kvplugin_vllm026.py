@@ -14,12 +14,15 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-TREE = REPO / ".vbuild" / "site"
+# vLLM 0.26.0's Python sources: `make setup` unpacks them from the release wheel into
+# .state/vllm026 (no GPU or CUDA libraries needed); the GPU bundle's .vbuild/site also works.
+TREE = next((t for t in (REPO / ".state" / "vllm026", REPO / ".vbuild" / "site")
+             if (t / "vllm").is_dir()), REPO / ".state" / "vllm026")
 PY = REPO / ".venv-vllm" / "bin" / "python"
 
 SMOKE = """\
 import sys, logging
-sys.path.insert(0, SHIM); sys.path.append(ROOT + "/.vbuild/site")
+sys.path.insert(0, SHIM); sys.path.append(TREE)
 sys.path.insert(0, ROOT)
 from gpud_vllm import patch
 patch.install()
@@ -70,12 +73,13 @@ link2.book.check()
 
 
 @pytest.mark.skipif(not (TREE / "vllm").is_dir() or not PY.exists(),
-                    reason="needs .vbuild/site (vLLM 0.26.0 unpacked) and .venv-vllm (torch)")
+                    reason="needs vLLM 0.26.0's sources (make setup: .state/vllm026) and .venv-vllm")
 def test_block_pool_patch_on_real_vllm_0_26(tmp_path: Path) -> None:
     (tmp_path / "shim").mkdir()
     (tmp_path / "shim" / "vllm").symlink_to(TREE / "vllm")
     script = tmp_path / "smoke.py"
-    head = f"ROOT = {str(REPO)!r}\nSHIM = {str(tmp_path / 'shim')!r}\n"
+    head = (f"ROOT = {str(REPO)!r}\nSHIM = {str(tmp_path / 'shim')!r}\n"
+            f"TREE = {str(TREE)!r}\n")
     script.write_text(head + SMOKE)
     env = {**os.environ, "VLLM_TARGET_DEVICE": "cpu"}
     out = subprocess.run([str(PY), str(script)], capture_output=True, text=True, env=env,
