@@ -56,8 +56,8 @@ log = logging.getLogger("gpud.reconcile")
 HEALTH_FAILURES = 5  # consecutive unanswered checks (one per tick) before an engine is killed
 # An engine that just answered gpud (an action, a keep-warm) or a user request is not asked
 # /is_sleeping for this long: the answer is the observation, and the extra request would land
-# on the engine while it serves (on the H100 it showed as ~2 ms on a 33 ms wake-to-first-token).
-# Every engine is still asked at least every OBSERVE_AT_LEAST seconds.
+# on the engine while it serves (the pass right after a wake asked the woken engine while its
+# first request was in flight). Every engine is still asked every OBSERVE_AT_LEAST seconds.
 OBSERVE_QUIET = 3.0
 OBSERVE_AT_LEAST = 15.0
 TRANSITIONAL = {"load": "starting", "restart": "starting", "wake": "waking",
