@@ -115,6 +115,24 @@ async def test_follower_reports_lines_with_the_model_name(
     assert getattr(recs[0], "model", None) == "echoer"
 
 
+async def test_gpuds_own_polls_stay_out_of_gpuds_log_but_in_the_ring(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="gpud.engine")
+    lines = [  # what vLLM's uvicorn writes for gpud's polls, then for a user's request
+        'INFO:     127.0.0.1:42342 - "GET /is_sleeping HTTP/1.1" 200 OK',
+        'INFO:     127.0.0.1:42342 - "GET /health HTTP/1.1" 200 OK',
+        'INFO:     127.0.0.1:42342 - "GET /health HTTP/1.1" 503 Service Unavailable',
+        'INFO:     127.0.0.1:50000 - "POST /v1/chat/completions HTTP/1.1" 200 OK',
+    ]
+    code = "\n".join(f"print({ln!r})" for ln in lines)
+    proc = EngineProcess.spawn("poller", [sys.executable, "-c", code], {}, tmp_path)
+    assert await asyncio.wait_for(proc.wait(), 5) == 0
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[poller]")]
+    assert logged == [f"[poller] {ln}" for ln in lines[2:]]
+    assert proc.log_tail(4) == lines  # all of it in the ring (`gpud logs`) and the file
+
+
 async def test_kill9_of_leader_is_seen_at_once_and_takes_the_group(
     tree: EngineProcess,
 ) -> None:

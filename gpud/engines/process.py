@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import IO, Protocol
 
 log = logging.getLogger("gpud.engine")
+# uvicorn's access line for gpud's own polls of an engine, answered 200
+_OWN_POLL = re.compile(r'127\.0\.0\.1:\d+ - "GET /(is_sleeping|health) HTTP/1\.1" 200')
 
 LOG_RING_LINES = 2000
 LOG_ROTATE_BYTES = 64 * 1024 * 1024
@@ -293,7 +295,9 @@ class _LogFollower:
         # progress bars rewrite one line with \r: keep what was last shown
         text = raw.decode("utf-8", "replace").rstrip("\r").rsplit("\r", 1)[-1]
         self._ring.append(text)
-        if self._to_logger:
+        # gpud's own health and sleep-state polls stay in the engine's log and the ring, not
+        # in gpud's (the journal): one line per engine per tick says nothing to an operator.
+        if self._to_logger and not _OWN_POLL.search(text):
             log.info("[%s] %s", self.model, text, extra={"model": self.model})
 
     async def stop(self) -> None:
