@@ -441,9 +441,8 @@ class Daemon:
             state = next((i.state for i in insts if i.state == "awake"),
                          insts[0].state if insts else "unloaded")
             t = r.traffic.get(name)
-            last = max(t.last_request if t else 0.0, r._awake_since(name))
-            activity = activity_of(state, t.inflight if t else 0,
-                                   mono - last if last else None, idle_after)
+            activity = activity_of(state, t.inflight if t else 0, r.quiet_for(name, mono),
+                                   idle_after)
             pool.set_activity(name, activity)
             if activity is Activity.AWAKE:
                 self._kv_trimmed.discard(name)

@@ -219,8 +219,7 @@ class Reconciler:
             t = self.traffic.get(name)
             if m.idle_sleep_after is None or (t and t.inflight):
                 continue
-            last = max(t.last_request if t else 0.0, self._awake_since(name))
-            idle = mono - last if last else None
+            idle = self.quiet_for(name, mono)
             if idle is not None and idle >= m.idle_sleep_after.total_seconds():
                 d = base.get(name)
                 if d and d.state == "awake":
@@ -256,6 +255,13 @@ class Reconciler:
             del self.overrides[k]
             self.events.publish("override", model=k, reason="override expired")
         return Layers(profile=profile, intents=intents, overrides=overrides), notes
+
+    def quiet_for(self, model: str, mono: float) -> float | None:
+        """Seconds since the model's last request or since it woke, whichever is later
+        (None: neither happened)."""
+        t = self.traffic.get(model)
+        last = max(t.last_request if t else 0.0, self._awake_since(model))
+        return mono - last if last else None
 
     def _awake_since(self, model: str) -> float:
         inst = self.instances.get(model)

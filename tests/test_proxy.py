@@ -197,10 +197,6 @@ class FakeBackend:
     def waking_upstreams(self, model: str) -> list[str]:
         return [] if self.awake.get(model, True) else [self.upstream]
 
-    def up_pool_ready(self, pools: Mapping[str, Any]) -> bool:
-        pool = pools.get(self.upstream)
-        return pool is not None and len(pool.idle) == 1
-
     def upstream_released(self, model: str, base: str) -> None:
         assert base == self.upstream
         self.released[model] = self.released.get(model, 0) + 1
@@ -517,7 +513,7 @@ async def test_the_engine_socket_is_opened_while_the_model_wakes(env: Env) -> No
     req = asyncio.create_task(env.post("/v1/completions", {"model": "sleepy", "prompt": "x"}))
     assert env.proxy._client is not None
     pools = env.proxy._client._pools
-    await wait_until(lambda: env.backend.up_pool_ready(pools))
+    await wait_until(lambda: env.up.url in pools and len(pools[env.up.url].idle) == 1)
     assert not env.backend.awake["sleepy"]  # connected while the engine still wakes
     connected = next(iter(pools[env.up.url].idle))
     r = await req
