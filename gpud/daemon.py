@@ -31,8 +31,8 @@ from gpud.web.memory import memory_status, model_bytes
 log = logging.getLogger("gpud.daemon")
 
 LAST_GOOD = "last-good"
-# Just before a boundary, pre-woken models get one more small request: on the H100 the first
-# request after ~30 s of quiet is 1.2-1.5x slower even on an engine that never slept.
+# Just before a boundary, pre-woken models get small requests up to the boundary: on the H100
+# the first request after ~30 s of quiet is 1.2-1.5x slower even on an engine that never slept.
 KEEP_WARM_BEFORE = timedelta(seconds=1.5)
 
 
@@ -492,7 +492,9 @@ class Daemon:
             r.trigger()
 
         async def keep_warm() -> None:
-            r.keep_warm(nb.profile)
+            # until the boundary, on the loop's clock (the schedule's may be a test clock)
+            left = (nb.at - r.now()).total_seconds()
+            r.keep_warm(nb.profile, until=asyncio.get_running_loop().time() + left)
 
         for i, at in enumerate(sorted({nb.at - nb.prewake, nb.at})):
             if at > now:

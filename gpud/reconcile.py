@@ -85,7 +85,10 @@ class Instance:
     state_since: float = field(default_factory=time.time)
     started_at: float | None = None
     slept_once: bool = False
-    sleep_level: int = 1
+    sleep_level: int | None = 1  # None: not known (adopted asleep); the engine's metrics say
+    # The engine queues requests while asleep (its scheduler paused: vLLM 0.17+), so one may
+    # be sent to it as its level-1 wake starts and runs the moment it is awake.
+    queues_asleep: bool = False
     expect_exit: bool = False
     health_failures: int = 0
     observed_at: float = 0.0  # monotonic: the engine last answered /is_sleeping
@@ -536,6 +539,7 @@ class Reconciler:
         port = m.port if (m.port and d.replica == 0) else allocate_port(lo, hi, self._taken_ports())
         inst.port, inst.spec_hash, inst.gpu = port, d.spec_hash, d.gpu
         inst.sleep_level = d.sleep_level
+        inst.queues_asleep = False
         self.log_dir.mkdir(parents=True, exist_ok=True)
         argv = build_argv(spec, port)
         env = build_env(spec, dict(os.environ))
@@ -719,16 +723,27 @@ class Reconciler:
         await inst.client.sleep(level)
         inst.slept_once = True
         inst.sleep_level = level
+        inst.queues_asleep = level == 1 and await self._queues_asleep(inst)
         inst.set_state("asleep", reason)
         self.events.publish("slept", model=inst.key, level=level,
                             duration=round(time.monotonic() - t0, 3))
         return True
 
+    async def _queues_asleep(self, inst: Instance) -> bool:
+        """Ask a sleeping engine whether its scheduler is paused (see `early_upstream`)."""
+        if inst.client is None:
+            return False
+        try:
+            return await inst.client.is_paused() is True
+        except (EngineAPIError, aiohttp.ClientError, TimeoutError) as exc:
+            log.debug("%s: /is_paused: %s", inst.key, exc)
+            return False
+
     async def _wake(self, inst: Instance, reason: str) -> bool:
         if inst.client is None:
             return False
         t0 = time.monotonic()
-        await inst.client.wake(inst.sleep_level)
+        inst.sleep_level = await inst.client.wake(inst.sleep_level) or 1
         if inst.model not in self.demand:
             # A wake nobody waits on (pre-wake, schedule, edit): send the engine's slow first
             # requests now (a few, ~2 s at most), so the first user request at the boundary
@@ -741,14 +756,17 @@ class Reconciler:
                     stop=lambda: inst.model in self.demand)
             except EngineAPIError as exc:
                 log.warning("%s: warm-up request after wake failed: %s", inst.key, exc)
+        inst.queues_asleep = False
         inst.set_state("awake", reason)
         self.events.publish("woke", model=inst.key, level=inst.sleep_level,
                             duration=round(time.monotonic() - t0, 3))
         return True
 
-    def keep_warm(self, profile: str | None) -> None:
-        """Right before a boundary: a small request to each model the coming profile wants
-        awake that is awake and idle, so the first user request after the switch is hot."""
+    def keep_warm(self, profile: str | None, until: float | None = None) -> None:
+        """Right before a boundary: small requests to each model the coming profile wants
+        awake that is awake and idle, so the first user request after the switch is hot:
+        the warm-up set, then (with `until`, the loop's clock: the boundary) a 1-token
+        request every quarter second until then. A user request for the model ends it."""
         now = self.now()
         for key, d in effective(self.config, Layers(profile=profile), now).items():
             inst = self.instances.get(key)
@@ -756,9 +774,9 @@ class Reconciler:
             if (d.state == "awake" and inst is not None and inst.state == "awake"
                     and inst.client is not None and key not in self._tasks
                     and not (t and t.inflight)):
-                asyncio.get_running_loop().create_task(self._keep_warm_one(inst))
+                asyncio.get_running_loop().create_task(self._keep_warm_one(inst, until))
 
-    async def _keep_warm_one(self, inst: Instance) -> None:
+    async def _keep_warm_one(self, inst: Instance, until: float | None = None) -> None:
         if inst.client is None:
             return
         m = self.config.models.get(inst.model)
@@ -766,7 +784,8 @@ class Reconciler:
         try:
             n = await inst.client.warm_up(
                 inst.model, max_model_len=m.max_model_len if m else None, budget=1.0,
-                stop=lambda: bool((t := self.traffic.get(inst.model)) and t.inflight))
+                stop=lambda: bool((t := self.traffic.get(inst.model)) and t.inflight),
+                until=until)
         except (EngineAPIError, aiohttp.ClientError, TimeoutError) as exc:
             log.warning("%s: keep-warm request failed: %s", inst.key, exc)
             return
@@ -819,6 +838,8 @@ class Reconciler:
             actual = "asleep" if sleeping else "awake"
             if actual != inst.state:
                 log.warning("%s: engine says %s, gpud thought %s", inst.key, actual, inst.state)
+                if sleeping:  # slept behind gpud's back: at a level gpud did not choose
+                    inst.sleep_level, inst.queues_asleep = None, False
                 inst.set_state(actual, f"engine reports {actual}")
 
         await asyncio.gather(*(one(i) for i in checks))
@@ -852,8 +873,10 @@ class Reconciler:
             self._watch_exit(inst, proc)
             try:
                 sleeping = await asyncio.wait_for(inst.client.is_sleeping(), 5.0)
+                if sleeping:
+                    await self._adopted_asleep(inst)
                 inst.set_state("asleep" if sleeping else "awake", "adopted after a gpud restart")
-            except (aiohttp.ClientError, TimeoutError, OSError):
+            except (aiohttp.ClientError, TimeoutError, OSError, EngineAPIError):
                 inst.set_state("starting", "adopted; waiting for its health check")
                 self._tasks[key] = asyncio.create_task(self._finish_adopt(inst))
             adopted.append(key)
@@ -861,12 +884,25 @@ class Reconciler:
             log.info("%s: adopted engine pid %d on port %d", key, proc.pid, record.port)
         return adopted
 
+    async def _adopted_asleep(self, inst: Instance) -> None:
+        """The level an adopted engine sleeps at is not recorded: its metrics say (None:
+        asked again at wake time), and at level 1 whether it queues requests meanwhile."""
+        assert inst.client is not None
+        try:
+            level = await inst.client.sleep_state_from_metrics()
+        except (EngineAPIError, aiohttp.ClientError, TimeoutError):
+            level = None
+        inst.sleep_level = level if level in (1, 2) else None
+        inst.queues_asleep = inst.sleep_level == 1 and await self._queues_asleep(inst)
+
     async def _finish_adopt(self, inst: Instance) -> None:
         try:
             assert inst.proc is not None and inst.client is not None
             ok = await inst.proc.wait_healthy(inst.client, 900)
             if ok:
                 sleeping = await inst.client.is_sleeping()
+                if sleeping:
+                    await self._adopted_asleep(inst)
                 inst.set_state("asleep" if sleeping else "awake", "adopted after a gpud restart")
         finally:
             self._tasks.pop(inst.key, None)
@@ -1004,6 +1040,26 @@ class Reconciler:
             return []
         return [i.base_url for i in sorted(insts, key=lambda i: i.replica)
                 if i.base_url and i.state in ("asleep", "waking")]
+
+    def early_upstream(self, model: str) -> str | None:
+        """The engine a request may be sent to before its wake ends: asleep (or waking) at
+        level 1, with its scheduler paused (`queues_asleep`), so vLLM tokenizes and queues
+        the request while the weights come back and schedules it the moment it is awake.
+        Not at level 2 (vLLM resumes scheduling at `/wake_up`, before `reload_weights`), not
+        for a model an operator holds asleep or unloaded, not while any replica serves."""
+        insts = [i for i in self.instances.values() if i.model == model]
+        if any(i.state == "awake" and i.awake.is_set() for i in insts):
+            return None
+        ov = self.overrides.get(model)
+        if ov is not None and ov.state in ("asleep", "unloaded") and ov.active(self.now()):
+            return None
+        waking = [i for i in insts if i.state == "waking"]
+        for inst in sorted(waking or insts, key=lambda i: i.replica):
+            if (inst.state in ("asleep", "waking") and inst.queues_asleep
+                    and inst.sleep_level == 1 and inst.client is not None and inst.base_url):
+                return inst.base_url
+            break
+        return None
 
     def upstream_released(self, model: str, base: str) -> None:
         """The proxy is done with `base`: counts drive balancing and draining."""

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
+import threading
 import time
 import urllib.request
 
@@ -89,6 +91,79 @@ def test_request_to_asleep_model_succeeds_without_retry_and_twenty_cause_one_wak
     assert sum(1 for _ in events(box, "woke", "batch")) == woke_before + 1
     m = box.gpud.models()["batch"]
     assert m["state"] == "awake" and m["reason"] == "woken by a request"
+    put_batch_back_to_sleep(box)
+
+
+def engine_json(port: int, method: str, path: str) -> object:
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method)
+    with urllib.request.urlopen(req, timeout=30) as r:
+        raw = r.read()
+    return json.loads(raw) if raw else None
+
+
+PROMPT = {"prompt": "the quick brown fox", "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+
+
+def reference_text(box: Box) -> str:
+    """PROMPT's greedy text from the awake `chat` (the same weights as `batch`)."""
+    p = dict(PROMPT)
+    extra = {"ignore_eos": p.pop("ignore_eos")}
+    return client(box).completions.create(model="chat", extra_body=extra, **p).choices[0].text
+
+
+def test_vllm_holds_a_request_sent_while_asleep_until_it_wakes(box: Box) -> None:
+    """The engine behaviour gpud's early send relies on, on the real engine: a sleeping vLLM
+    (0.17+) pauses its scheduler, keeps a request it is sent, and runs it once awake. If a
+    vLLM upgrade changes that, this fails (and gpud stops sending early: it asks /is_paused)."""
+    ref = reference_text(box)
+    port = box.gpud.models()["batch"]["port"]
+    assert engine_json(port, "GET", "/is_sleeping") == {"is_sleeping": True}
+    assert engine_json(port, "GET", "/is_paused") == {"is_paused": True}
+    head = threading.Event()
+    chunks: list[dict[str, object]] = []
+
+    def stream() -> None:
+        body = {"model": "batch", "stream": True, **PROMPT}
+        with httpx.Client(timeout=120) as h, h.stream(
+                "POST", f"http://127.0.0.1:{port}/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            head.set()
+            chunks.extend(json.loads(line[6:]) for line in r.iter_lines()
+                          if line.startswith("data: {"))
+
+    with concurrent.futures.ThreadPoolExecutor(1) as ex:
+        fut = ex.submit(stream)
+        assert head.wait(60), "the asleep engine did not take the request"
+        # Two calls through the engine core's loop, which also schedules: the request is
+        # in the engine, the loop turns, and nothing of it runs.
+        assert engine_json(port, "GET", "/is_sleeping") == {"is_sleeping": True}
+        assert engine_json(port, "GET", "/is_paused") == {"is_paused": True}
+        assert not chunks and not fut.done(), "a sleeping engine ran a request"
+        engine_json(port, "POST", "/wake_up")
+        fut.result(timeout=60)
+    assert "".join(str(c["choices"][0]["text"]) for c in chunks) == ref  # type: ignore[index]
+    engine_json(port, "POST", "/sleep?level=1")  # as gpud left it
+    assert box.gpud.models()["batch"]["state"] == "asleep"
+
+
+def test_wake_on_request_sends_the_request_while_the_engine_wakes(box: Box) -> None:
+    """gpud sends a request for a model asleep at level 1 to its engine as the wake starts
+    (the engine queues it), and relays the answer once awake: same greedy text as awake."""
+    box.gpud.wait_states({"batch": "asleep"}, timeout=30)
+    ref = reference_text(box)
+    with httpx.Client(timeout=120) as h:
+        r = h.post(box.gpud.url + "/v1/completions",
+                   json={"model": "batch", "stream": True, **PROMPT})
+    assert r.status_code == 200
+    chunks = [json.loads(line[6:]) for line in r.text.splitlines()
+              if line.startswith("data: {")]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == ref
+    marks = [m for m in box.gpud.request("GET", "/api/v1/debug/requests")["requests"]
+             if m.get("model") == "batch"][-1]
+    assert marks["status"] == 200
+    # sent to the engine before it was awake; its first chunk came after
+    assert marks["sent_early_ms"] < marks["upstream_ready_ms"] <= marks["first_chunk_written_ms"]
+    assert box.gpud.models()["batch"]["reason"] == "woken by a request"
     put_batch_back_to_sleep(box)
 
 

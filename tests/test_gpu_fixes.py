@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from pathlib import Path
 from typing import Any
@@ -197,14 +196,43 @@ async def test_warm_up_keeps_to_its_time_budget() -> None:
     try:
         client = VllmClient(str(server.make_url("")), http)
         t0 = time.monotonic()
-        with contextlib.suppress(EngineAPIError):  # the last one may time out: that is fine
-            await client.warm_up("chat", budget=0.5)
+        done = await client.warm_up("chat", budget=0.5)  # the budget's end is no error
         took = time.monotonic() - t0
+        await asyncio.sleep(0.05)  # let the server see the dropped connection
     finally:
         await http.close()
         await server.close()
     assert took < 0.75, f"warm-up took {took:.2f}s on a 0.5 s budget"
-    assert len(fake.bodies) <= 2
+    assert done == 1 and len(fake.bodies) == 2 and fake.cancelled == 1
+
+
+async def test_keep_warm_pulses_one_token_requests_up_to_the_boundary() -> None:
+    fake, server, http = await _fake(0.01)
+    waiting = False
+    try:
+        client = VllmClient(str(server.make_url("")), http)
+        loop = asyncio.get_running_loop()
+        until = loop.time() + 1.2
+        done = await client.warm_up("chat", until=until, pulse=0.2)
+        ended = loop.time()
+        pulses = fake.bodies[len(WARM_UP_PROMPT_WORDS):]
+        # a user request arrives: the pulses stop at once
+        fake.bodies.clear()
+        task = asyncio.create_task(client.warm_up("chat", until=loop.time() + 5, pulse=0.05,
+                                                  stop=lambda: waiting))
+        await asyncio.sleep(0.3)
+        waiting = True
+        t0 = loop.time()
+        await asyncio.wait_for(task, 1)
+        stopped_in = loop.time() - t0
+    finally:
+        await http.close()
+        await server.close()
+    # (a pulse still in flight at the deadline is dropped, not counted)
+    assert len(pulses) >= done - len(WARM_UP_PROMPT_WORDS) >= 3
+    assert all(b["max_tokens"] == 1 for b in pulses)
+    assert until - 0.2 <= ended <= until, "the last pulse ends just before the boundary"
+    assert stopped_in < 0.1
 
 
 def _awake_reconciler(tmp_path: Path, url: str, http: aiohttp.ClientSession) -> tuple[

@@ -175,6 +175,8 @@ class FakeBackend:
         self.started: dict[str, int] = {}
         self.finished: dict[str, int] = {}
         self.released: dict[str, int] = {}
+        self.early: dict[str, str] = {}  # models whose "engine" queues requests while asleep
+        self.fail_wake: dict[str, str] = {}
 
     def routes(self) -> Mapping[str, ModelRoute]:
         return self._routes
@@ -191,8 +193,13 @@ class FakeBackend:
 
     async def _wake(self, model: str) -> str:
         await asyncio.sleep(self.wake_delay)
+        if model in self.fail_wake:
+            raise ModelUnavailable(self.fail_wake[model], retry_after=3)
         self.awake[model] = True
         return self.upstream
+
+    def early_upstream(self, model: str) -> str | None:
+        return self.early.get(model)
 
     def waking_upstreams(self, model: str) -> list[str]:
         return [] if self.awake.get(model, True) else [self.upstream]
@@ -519,6 +526,40 @@ async def test_the_engine_socket_is_opened_while_the_model_wakes(env: Env) -> No
     r = await req
     assert r.status == 200
     assert list(pools[env.up.url].idle) == [connected]  # that socket carried the request
+
+
+async def test_a_request_is_sent_while_the_engine_wakes_when_it_queues_meanwhile(
+    env: Env,
+) -> None:
+    """An engine that queues requests while asleep (vLLM 0.17+) gets the request as its wake
+    starts; the answer is relayed once the wake is over, byte for byte."""
+    env.backend.wake_delay = 0.3
+    env.backend.early["sleepy"] = env.up.url
+    req = asyncio.create_task(env.post("/v1/chat/completions", chat_body("sleepy", stream=True)))
+    await wait_until(lambda: len(env.up.seen) == 1)
+    assert not env.backend.awake["sleepy"]  # the engine has it, and is still waking
+    r = await req
+    assert r.status == 200
+    text = await r.text()
+    assert text.count("data: {") == 4 and text.endswith("data: [DONE]\n\n")
+    assert env.backend.wakes.started == 1 and len(env.up.seen) == 1  # sent once
+    assert env.backend.released["sleepy"] == 1
+
+
+async def test_a_request_sent_ahead_of_a_wake_that_fails_is_withdrawn(env: Env) -> None:
+    """The wake fails: the client gets gpud's 503, and the engine's connection is closed so
+    vLLM drops the request it queued (nothing runs later for a client that is gone)."""
+    env.backend.wake_delay = 0.3
+    env.backend.early["sleepy"] = env.up.url
+    env.backend.fail_wake["sleepy"] = "engine died while waking"
+    body = chat_body("sleepy", stream=True, chunks=2, hold=1)  # the "engine" would wait
+    req = asyncio.create_task(env.post("/v1/chat/completions", body))
+    await wait_until(lambda: len(env.up.seen) == 1)
+    r = await req
+    assert r.status == 503
+    assert (await r.json())["error"]["message"] == "engine died while waking"
+    await asyncio.wait_for(env.up.cancelled.wait(), 3)  # its connection was closed
+    assert env.backend.released.get("sleepy", 0) == 0
 
 
 async def test_wake_past_request_timeout_is_503_and_the_wake_goes_on(env: Env) -> None:

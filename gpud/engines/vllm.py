@@ -42,6 +42,7 @@ KV_BUDGET_GPU_UTILIZATION = 0.01
 WARM_UP_PROMPT_WORDS = (8, 64, 256, 16)
 WARM_UP_TOKENS = 8
 WARM_UP_BUDGET_S = 2.0
+KEEP_WARM_PULSE_S = 0.25  # one 1-token request this often, up to a boundary
 
 
 def build_argv(spec: EngineSpec, port: int, host: str = "127.0.0.1") -> list[str]:
@@ -204,44 +205,76 @@ class VllmClient:
             raise EngineAPIError(self.base_url, "GET /is_sleeping", f"unexpected {data!r}")
         return bool(data["is_sleeping"])
 
+    async def is_paused(self) -> bool | None:
+        """`GET /is_paused`: whether the engine's scheduler is paused; None when the engine
+        has no such endpoint (vLLM before 0.17). Asked once an engine is asleep: vLLM 0.17+
+        pauses the scheduler for every sleep, so a request sent to a sleeping engine waits
+        in its queue and runs once it wakes, instead of running on unmapped memory."""
+        try:
+            data = await self._json("GET", "/is_paused", timeout=self._health_timeout)
+        except EngineAPIError as e:
+            if e.detail.startswith(("HTTP 404", "HTTP 405")):
+                return None
+            raise
+        paused = data.get("is_paused") if isinstance(data, dict) else None
+        return paused if isinstance(paused, bool) else None
+
     async def reload_weights(self) -> None:
         """Reload the weights from the model source after a level-2 sleep."""
         await self._call("POST", "/collective_rpc", json={"method": "reload_weights"})
 
     async def warm_up(self, served_name: str, *, max_model_len: int | None = None,
                       budget: float = WARM_UP_BUDGET_S,
-                      stop: Callable[[], bool] | None = None) -> int:
+                      stop: Callable[[], bool] | None = None,
+                      until: float | None = None, pulse: float = KEEP_WARM_PULSE_S) -> int:
         """A few small completions after a wake nobody waits on: the first requests after a
         wake are measurably slower on a GPU (H100, 1.8 GB model: 61 ms, then ~32 ms, against
         23 ms awake), so gpud pays for them instead of the first user. Sequential, prompts of
         several lengths (prefill shapes) and a few output tokens each (decode steps), within
-        `budget` seconds in all. Before each one, and every few ms during it, `stop()` is
-        asked: a request waiting for this engine ends the warm-up at once (the in-flight
-        warm-up request is dropped; vLLM aborts a request whose client went away).
-        Returns how many completed. Raises EngineAPIError if one fails."""
+        `budget` seconds in all. With `until` (the loop's clock), one 1-token request every
+        `pulse` seconds follows, the last one done before `until`: an engine (and its GPU's
+        clocks) kept busy up to a schedule boundary. Before each request, and every few ms
+        during it, `stop()` is asked: a request waiting for this engine ends the warm-up at
+        once (the in-flight warm-up request is dropped; vLLM aborts a request whose client
+        went away); so does the end of the budget. Returns how many completed. Raises
+        EngineAPIError if one fails."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + budget
         # ~1-2 tokens a word; keep prompt + output well inside the model's context
         cap = max(1, ((max_model_len or 2048) - WARM_UP_TOKENS) // 3)
         done = 0
         for words in WARM_UP_PROMPT_WORDS:
-            left = deadline - loop.time()
-            if left <= 0 or (stop is not None and stop()):
-                break
             body = {"model": served_name, "prompt": " ".join(["warm"] * min(words, cap)),
                     "max_tokens": WARM_UP_TOKENS, "temperature": 0, "ignore_eos": True}
-            call = asyncio.ensure_future(self._call(
-                "POST", "/v1/completions", json=body, timeout=aiohttp.ClientTimeout(total=left)))
-            while not call.done():
-                await asyncio.wait({call}, timeout=0.005)
-                if not call.done() and stop is not None and stop():
-                    call.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, EngineAPIError):
-                        await call
-                    return done
-            call.result()
+            if not await self._warm_one(body, deadline, stop):
+                break
+            done += 1
+        if until is None or (stop is not None and stop()):
+            return done
+        body = {"model": served_name, "prompt": "warm", "max_tokens": 1, "temperature": 0}
+        while loop.time() + pulse < until:
+            await asyncio.sleep(pulse)
+            if not await self._warm_one(body, until - pulse / 2, stop):
+                break
             done += 1
         return done
+
+    async def _warm_one(self, body: dict[str, Any], deadline: float,
+                        stop: Callable[[], bool] | None) -> bool:
+        """One warm-up request; False when it was not sent or was given up (stop, deadline)."""
+        loop = asyncio.get_running_loop()
+        if loop.time() >= deadline or (stop is not None and stop()):
+            return False
+        call = asyncio.ensure_future(self._call("POST", "/v1/completions", json=body))
+        while not call.done():
+            await asyncio.wait({call}, timeout=0.005)
+            if not call.done() and ((stop is not None and stop()) or loop.time() >= deadline):
+                call.cancel()
+                with contextlib.suppress(asyncio.CancelledError, EngineAPIError):
+                    await call
+                return False
+        call.result()
+        return True
 
     async def reset_prefix_cache(self) -> None:
         await self._call("POST", "/reset_prefix_cache")

@@ -89,6 +89,28 @@ class _StreamResponse(web.StreamResponse):
 
     _send_headers_immediately = False
 
+def _request_headers(request: web.Request) -> bytes:
+    """The header lines relayed to the engine, each ending in CRLF."""
+    rh = request.headers
+    extra = b"Content-Type: " + rh.get("Content-Type", "application/json").encode() + b"\r\n"
+    for h in _FORWARD_REQUEST_HEADERS:
+        v = rh.get(h)
+        if v is not None:
+            extra += f"{h}: {v}\r\n".encode()
+    return extra
+
+
+def _drop(sent: asyncio.Future[UpstreamResponse] | None) -> None:
+    """Give up a request sent ahead of a wake: its engine connection closes, and vLLM drops
+    the request it queued (the client of that connection is gone)."""
+    if sent is None:
+        return
+    if not sent.done():
+        sent.cancel()  # UpstreamClient.post aborts the connection when cancelled
+    elif not sent.cancelled() and sent.exception() is None:
+        sent.result().close()
+
+
 class _Reject(Exception):
     """Raised inside the handler to answer with an error response."""
 
@@ -390,10 +412,23 @@ class Proxy:
     async def _wake_and_send(
         self, request: web.Request, path: str, body: bytes, route: ModelRoute, t0: float
     ) -> tuple[web.StreamResponse, float | None]:
-        if self._client is not None:
-            for base in self.backend.waking_upstreams(route.name)[:1]:
+        client = self._client
+        if client is None:
+            raise RuntimeError("Proxy.start() was not called (or install() on a running app)")
+        headers = _request_headers(request)
+        early: str | None = None
+        sent: asyncio.Task[UpstreamResponse] | None = None
+        waking = self.backend.waking_upstreams(route.name)
+        if waking:
+            early = self.backend.early_upstream(route.name)
+            if early is not None:
+                # The engine queues the request while it wakes (tokenized, scheduled the
+                # moment it is awake): the wake and the request's own set-up overlap.
+                sent = asyncio.ensure_future(client.post(early, path, body, headers))
+                _mark(request, "sent_early_ms")
+            else:
                 # The engine answers connections while it wakes: connect now, not after.
-                task = asyncio.create_task(self._client.preconnect(base))
+                task = asyncio.create_task(client.preconnect(waking[0]))
                 self._preconnects.add(task)
                 task.add_done_callback(self._preconnects.discard)
         try:
@@ -402,31 +437,46 @@ class Proxy:
             async with asyncio.timeout(max(remaining, 0.0)):
                 base = await self.backend.ready_upstream(route.name)
         except TimeoutError:
+            _drop(sent)
             return self._timed_out(route, "a ready engine"), None
         except ModelUnavailable as e:
+            _drop(sent)
             return error_response(
                 503, e.reason, e.code, type_="service_unavailable", retry_after=e.retry_after
             ), None
+        except BaseException:
+            _drop(sent)
+            raise
         _mark(request, "upstream_ready_ms")
+        if sent is not None and (base != early or (sent.done() and sent.exception())):
+            _drop(sent)  # served elsewhere, or the early send failed: send it now
+            sent = None
         try:
-            return await self._send(request, base, path, body, route, t0)
+            return await self._send(request, base, path, body, headers, route, t0, sent)
         finally:
             self.backend.upstream_released(route.name, base)
 
     async def _send(
-        self, request: web.Request, base: str, path: str, body: bytes, route: ModelRoute, t0: float
+        self,
+        request: web.Request,
+        base: str,
+        path: str,
+        body: bytes,
+        headers: bytes,
+        route: ModelRoute,
+        t0: float,
+        sent: asyncio.Future[UpstreamResponse] | None = None,
     ) -> tuple[web.StreamResponse, float | None]:
         client = self._client
         if client is None:
             raise RuntimeError("Proxy.start() was not called (or install() on a running app)")
-        rh = request.headers
-        extra = b"Content-Type: " + rh.get("Content-Type", "application/json").encode() + b"\r\n"
-        for h in _FORWARD_REQUEST_HEADERS:
-            v = rh.get(h)
-            if v is not None:
-                extra += f"{h}: {v}\r\n".encode()
         try:
-            upstream = await client.post(base, path, body, extra)
+            upstream = None
+            if sent is not None:
+                with contextlib.suppress(UpstreamError, OSError):
+                    upstream = await sent  # failed: it is sent again below, once
+            if upstream is None:
+                upstream = await client.post(base, path, body, headers)
         except (UpstreamError, OSError, TimeoutError) as e:
             return error_response(
                 502,
@@ -434,6 +484,9 @@ class Proxy:
                 "upstream_unreachable",
                 type_="service_unavailable",
             ), None
+        except BaseException:
+            _drop(sent)
+            raise
         _mark(request, "upstream_head_ms")
         try:
             uh = upstream.headers
