@@ -19,7 +19,8 @@ appends to one JSON file (written after every stage, so a run cut short still re
   adopt        kill -9 gpud with both engines awake; a new gpud adopts both (same pids, GPU
                memory unchanged); time from its start to a served request for both models
   prewake      `reps` schedule boundaries on gpud's test clock, each pre-woken prewake_s ahead
-               (real waits): first token at the boundary vs the awake TTFT
+               (real waits): first token at the boundary vs the awake TTFT, and vs the same
+               boundaries with both models awake all along (`--prewake-controls`)
   first_sleep  an 8B-shaped model (if /tmp/models/m8b exists): gpud's warm sleep at load,
                then the first sleep a file edit asks for vs later ones
 
@@ -642,13 +643,19 @@ class Bench:
         return out
 
     def st_prewake(self, res: dict[str, Any]) -> None:
-        """`reps` schedule boundaries, each pre-woken `prewake_s` ahead, on gpud's test clock
-        (GPUD_TEST_HOOKS=1): before each rep the clock is set `prewake_s + 3` s before 08:00
-        of a new day, so the boundary comes that much later in real time, with the whole
-        real wait (pre-wake, `prewake_s` s of quiet, keep-warm, the switch) in it. At each:
-        the first token at the boundary, the next requests; then the clock goes to 09:00:01
-        (profile `off`) and both sleep. Rep 0 also has a control: one request ~prewake_s
-        later to the same engines, awake and idle all that time but not slept."""
+        """Schedule boundaries on gpud's test clock (GPUD_TEST_HOOKS=1), each pre-woken
+        `prewake_s` ahead: before each, the clock is set `prewake_s + 3` s before 08:00 of a new
+        day, so the boundary comes that much later in real time, with the whole real wait
+        (pre-wake, `prewake_s` s of quiet, keep-warm, the switch) in it. At each: the first token
+        at the boundary, the next requests; then the clock goes to 09:00:01 (profile `off`).
+
+        Two blocks. Test: `off` says asleep, so both models sleep between boundaries and are
+        pre-woken for each. Control (`--prewake-controls`, after the test block): the same
+        schedule with `off` saying awake, so the models stay awake all along (never slept) and
+        get the same boundary, keep-warm and requests; its first boundary is dropped (the
+        models were woken by that edit). The control is the awake time to first token in the
+        same conditions (time since the last request, gpud's keep-warm, the profile switch);
+        the hot-loop awake TTFT of the `awake` stage is the other reference."""
         if self.idle:
             # the wake stages left idle_sleep_after = 2s: let the last request's demand
             # expire (both idle-asleep) before the default 10-minute demand TTL returns
@@ -657,11 +664,15 @@ class Bench:
         self.idle = None
         self.level = {m: 1 for m in MODELS}
         self.states = {m: "asleep" for m in MODELS}
-        self.schedule = ('[profiles.on]\ntiny = "awake"\nlarge = "awake"\n\n'
-                         '[profiles.off]\ntiny = "asleep"\nlarge = "asleep"\n\n'
-                         '[[schedule]]\nprofile = "on"\nwhen = "08:00-09:00"\n'
-                         f'prewake = "{self.a.prewake_s}s"\n\n'
-                         '[[schedule]]\nprofile = "off"\nwhen = "otherwise"\n')
+
+        def schedule(off: str) -> str:
+            return ('[profiles.on]\ntiny = "awake"\nlarge = "awake"\n\n'
+                    f'[profiles.off]\ntiny = "{off}"\nlarge = "{off}"\n\n'
+                    '[[schedule]]\nprofile = "on"\nwhen = "08:00-09:00"\n'
+                    f'prewake = "{self.a.prewake_s}s"\n\n'
+                    '[[schedule]]\nprofile = "off"\nwhen = "otherwise"\n')
+
+        self.schedule = schedule("asleep")
         m8b = Path(self.a.models) / "m8b"
         if self.m8b is None and (m8b / "config.json").exists() and not self.a.no_8b:
             self.m8b = m8b  # made in the background while the first stages ran
@@ -674,17 +685,24 @@ class Bench:
         self.g.wait_states({m: "asleep" for m in MODELS}, 60)
         lead = self.a.prewake_s + 3
         per: list[dict[str, Any]] = []
+        ctl: list[dict[str, Any]] = []
         res["per_boundary"] = per
+        res["control_boundaries"] = ctl
         res["prewake_s"] = self.a.prewake_s
-        n = self.a.prewake_reps
-        while n > 1 and n * (lead + 8) + lead + 20 > self.left():
+        n, nc = self.a.prewake_reps, self.a.prewake_controls
+        while n > 1 and (n + (nc + 1 if nc else 0)) * (lead + 8) + lead + 20 > self.left():
             n -= 1
-        for i in range(n):
-            bi = day0 + timedelta(days=i + 1, hours=8)
-            row: dict[str, Any] = {"boundary": bi.isoformat()}
-            per.append(row)
-            self.g.wait_states({m: "asleep" for m in MODELS}, 60)
-            self.g.wait(lambda: all(self.engine_sleeping(m) for m in MODELS), 30, "asleep")
+            nc = min(nc, n)
+        day = 0
+
+        def boundary(i: int, control: bool) -> dict[str, Any]:
+            nonlocal day
+            day += 1
+            bi = day0 + timedelta(days=day, hours=8)
+            row: dict[str, Any] = {"boundary": bi.isoformat(), "control": control}
+            want = "awake" if control else "asleep"
+            self.g.wait_states({m: want for m in MODELS}, 60)
+            self.g.wait(lambda: all(self.engine_sleeping(m) != control for m in MODELS), 30, want)
             t_set, wall_set = time.monotonic(), time.time()
             self.set_clock(bi - timedelta(seconds=lead))
             t_b = t_set + lead  # the boundary, in real monotonic time
@@ -705,26 +723,37 @@ class Bench:
             # gpud's own marks for the requests at the boundary: where their time went
             row["gpud_marks"] = [m for m in self.marks()
                                  if wall_set + lead - 0.5 <= m["at"] <= wall_set + lead + 2]
-            if i == 0:  # the control: awake and idle as long as before the boundary
-                _sleep_mono(t_b + self.a.prewake_s)
-                row["idle_control_ttft_s"] = {m: stream(self.a.port, m)[0] for m in order}
             self.set_clock(bi + timedelta(hours=1, seconds=1))
             self.save()
+            return row
+
+        for i in range(n):
+            per.append(boundary(i, control=False))
+        if nc:
+            self.schedule = schedule("awake")  # never slept from here on
+            self.write_config()
+            for i in range(nc + 1):
+                row = boundary(i, control=True)
+                row["dropped"] = i == 0  # woken by the edit just before: not "awake all along"
+                ctl.append(row)
         res["events"] = [e for e in self.g.events()
-                         if e["kind"] in ("woke", "profile", "keep_warm")][-6 * n:]
-        summ: dict[str, Any] = {"boundaries": n, "clock": "gpud test clock, real waits"}
+                         if e["kind"] in ("woke", "profile", "keep_warm")][-6 * (n + nc + 1):]
+        summ: dict[str, Any] = {"boundaries": n, "control_boundaries": nc,
+                                "clock": "gpud test clock, real waits"}
         for m in MODELS:
             firsts = [r["at_boundary_ttft_s"][m] for r in per]
-            ctrl = [r["idle_control_ttft_s"][m] for r in per if "idle_control_ttft_s" in r]
+            cfirst = [r["at_boundary_ttft_s"][m] for r in ctl if not r["dropped"]]
             awake = self.awake_ttft.get(m)
+            cmed = med(cfirst)
             summ[m] = {"first_at_boundary": [round(x, 4) for x in firsts],
                        "first_median": med(firsts), "awake_ttft": awake,
                        "ratio": round(statistics.median(firsts) / awake, 3) if awake else None,
                        "ratios": [round(x / awake, 3) for x in firsts] if awake else None,
+                       "control_first_at_boundary": [round(x, 4) for x in cfirst],
+                       "control_median": cmed,
+                       "ratio_vs_control": round(statistics.median(firsts) / cmed, 3)
+                       if cmed else None,
                        "next_median": med([x for r in per for x in r["next_requests_ttft_s"][m]]),
-                       "idle_control": [round(x, 4) for x in ctrl],
-                       "idle_control_ratio": round(statistics.median(ctrl) / awake, 3)
-                       if awake and ctrl else None,
                        "woke_event_s": [e.get("duration") for e in res["events"]
                                         if e["kind"] == "woke" and e.get("model") == m],
                        "keep_warm_events": sum(1 for e in res["events"]
@@ -900,9 +929,11 @@ def render(r: dict[str, Any]) -> str:
         row(f"pre-wake: first token at boundary / awake TTFT (median of {s.get('boundaries', 1)})",
             _pw(s, "tiny"), _pw(s, "large"), "<= 1.1",
             all((s.get(m, {}).get("ratio") or 9) <= 1.1 for m in MODELS))
-        if s.get("tiny", {}).get("idle_control"):
-            row("control: awake, idle ~30 s, never slept: first token / awake TTFT",
-                _ctl(s, "tiny"), _ctl(s, "large"), "", "")
+        if s.get("control_boundaries"):
+            row(f"pre-wake: first token at boundary / the same at control boundaries, awake "
+                f"all along (median of {s.get('boundaries')} / {s.get('control_boundaries')})",
+                _ctl(s, "tiny"), _ctl(s, "large"), "<= 1.1",
+                all((s.get(m, {}).get("ratio_vs_control") or 9) <= 1.1 for m in MODELS))
     s = g("first_sleep")
     if s and "skipped" not in s:
         row("8B: first sleep / later (s)", f"{s.get('first_sleep_s')} / {s.get('later_sleep_median_s')}"
@@ -929,7 +960,8 @@ def _pw(s: dict[str, Any], m: str) -> str:
 
 def _ctl(s: dict[str, Any], m: str) -> str:
     x = s.get(m, {})
-    return f"{x.get('idle_control')} -> {x.get('idle_control_ratio')}"
+    return (f"{x.get('first_median')} / {x.get('control_median')} = {x.get('ratio_vs_control')}"
+            f" (control each {x.get('control_first_at_boundary')})")
 
 
 def main() -> None:
@@ -947,6 +979,8 @@ def main() -> None:
                     "the 5%% targets)")
     ap.add_argument("--prewake-reps", type=int, default=5, help="boundaries in the prewake stage")
     ap.add_argument("--prewake-s", type=int, default=30)
+    ap.add_argument("--prewake-controls", type=int, default=0,
+                    help="control boundaries with both models awake all along (plus one dropped)")
     ap.add_argument("--kv", default="", help="KV budgets, e.g. tiny=8GiB,large=16GiB")
     ap.add_argument("--deadline", type=float, default=560, help="seconds for the whole run")
     ap.add_argument("--stages", default="", help="comma list (start always runs)")
