@@ -79,12 +79,37 @@ def stream(port: int, model: str, max_tokens: int = 16, timeout: float = 120,
            t0: float | None = None) -> tuple[float, str]:
     """Streamed greedy completion on 127.0.0.1:port; (seconds from t0 to the first `data:`
     chunk, whole text). A fresh connection each time, the same code for both paths."""
+    t0 = time.perf_counter() if t0 is None else t0
+    return stream_read(stream_send(port, model, max_tokens, timeout), t0)
+
+
+def stream_send(port: int, model: str, max_tokens: int = 16,
+                timeout: float = 120) -> http.client.HTTPConnection:
+    """The request of `stream`, written to the socket; its answer is `stream_read`'s."""
     body = json.dumps({"model": model, "prompt": PROMPT, "max_tokens": max_tokens,
                        "temperature": 0, "stream": True, "ignore_eos": True}).encode()
-    t0 = time.perf_counter() if t0 is None else t0
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+    return conn
+
+
+def post_send(port: int, path: str, timeout: float = 300) -> http.client.HTTPConnection:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    conn.request("POST", path, b"", {"Content-Type": "application/json"})
+    return conn
+
+
+def post_finish(conn: http.client.HTTPConnection) -> int:
     try:
-        conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        resp.read()
+        return resp.status
+    finally:
+        conn.close()
+
+
+def stream_read(conn: http.client.HTTPConnection, t0: float) -> tuple[float, str]:
+    try:
         resp = conn.getresponse()
         if resp.status != 200:
             raise RuntimeError(f"HTTP {resp.status}: {resp.read()[:300]!r}")
@@ -588,6 +613,62 @@ class Bench:
     def st_wake_l2(self, res: dict[str, Any]) -> None:
         self._wake_stage(res, 2)
 
+    def _raw_order(self, m: str, variant: str) -> float:
+        """gpud paused; the engine asleep at level 1. `seq`: POST /wake_up, then the request
+        (the raw figure of wake_l1); `early`: the request first, then /wake_up (what gpud
+        does); `after`: /wake_up sent, then the request without waiting for the wake's answer.
+        Seconds from the first byte sent to the first token; the engine is put back to sleep."""
+        port = self.engine_port(m)
+        self.g.pause()
+        try:
+            t0 = time.perf_counter()
+            if variant == "seq":
+                http_json("POST", f"http://127.0.0.1:{port}/wake_up", timeout=300)
+                ttft, _ = stream(port, m, t0=t0)
+            elif variant == "early":
+                sc = stream_send(port, m)
+                wc = post_send(port, "/wake_up")
+                ttft, _ = stream_read(sc, t0)
+                post_finish(wc)
+            else:
+                wc = post_send(port, "/wake_up")
+                sc = stream_send(port, m)
+                ttft, _ = stream_read(sc, t0)
+                post_finish(wc)
+            http_json("POST", f"http://127.0.0.1:{port}/sleep?level=1", timeout=300)
+        finally:
+            self.g.resume()
+        return ttft
+
+    def st_raw_order(self, res: dict[str, Any]) -> None:
+        """vLLM alone (gpud paused): which order of wake and request gives the first token
+        soonest: `seq` (wait for the wake), `early` (request first), `after` (wake first,
+        request without waiting). Interleaved, rotating the order, medians."""
+        self.states = {m: "asleep" for m in MODELS}
+        self.level = {m: 1 for m in MODELS}
+        self.write_config()
+        self.g.wait_states({m: "asleep" for m in MODELS}, 60)
+        variants = ("seq", "early", "after")
+        out: dict[str, Any] = {}
+        for m in MODELS:
+            got: dict[str, list[float]] = {v: [] for v in variants}
+            for rep in range(self.a.reps + 1):
+                k = rep % 3
+                for v in variants[k:] + variants[:k]:
+                    self.g.wait(lambda m=m: self.engine_sleeping(m), 30, f"{m} asleep", 0.05)
+                    time.sleep(0.3)
+                    t = self._raw_order(m, v)
+                    if rep:
+                        got[v].append(t)
+            out[m] = {v: {"ttft_s": [round(x, 5) for x in got[v]], "median": med(got[v])}
+                      for v in variants}
+            base = out[m]["seq"]["median"]
+            for v in variants:
+                out[m][v]["over_seq"] = round(out[m][v]["median"] / base, 3) if base else None
+        res["models"] = out
+        res["summary"] = {m: {v: [out[m][v]["median"], out[m][v]["over_seq"]] for v in variants}
+                          for m in MODELS}
+
     def st_adopt(self, res: dict[str, Any]) -> None:
         self.states = {m: "awake" for m in MODELS}
         self.level = {m: 1 for m in MODELS}
@@ -841,6 +922,7 @@ class Bench:
         stages = [("start", 120, self.st_start), ("awake", 20, self.st_awake),
                   ("sleep_memory", 40, self.st_sleep_memory), ("wake_l1", 60, self.st_wake_l1),
                   ("wake_l2", 60, self.st_wake_l2), ("adopt", 40, self.st_adopt),
+                  ("raw_order", 60, self.st_raw_order),
                   ("prewake", 100, self.st_prewake), ("first_sleep", 30, self.st_first_sleep)]
         only = set(self.a.stages.split(",")) if self.a.stages else None
         try:
