@@ -186,7 +186,7 @@ def _run_proxy(conn: Any, loop_kind: str, upstream: str, model: str = MODEL) -> 
         def waking_upstreams(self, model: str) -> list[str]:
             return []
 
-        def early_upstream(self, model: str) -> str | None:
+        async def early_upstream(self, model: str) -> str | None:
             return None
 
         def request_started(self, model: str) -> None:

@@ -141,6 +141,9 @@ class FakeEngine:
         self.bodies: list[dict[str, Any]] = []
         self.running = self.most_at_once = 0
         self.cancelled = 0
+        self.woken = asyncio.Event()  # a /wake_up arrived
+        self.release_wake = asyncio.Event()
+        self.release_wake.set()  # answer /wake_up at once unless a test holds it
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -149,6 +152,8 @@ class FakeEngine:
         return app
 
     async def wake_up(self, request: web.Request) -> web.Response:
+        self.woken.set()
+        await self.release_wake.wait()
         return web.Response(text="")
 
     async def complete(self, request: web.Request) -> web.Response:
@@ -291,3 +296,40 @@ async def test_warm_up_against_a_real_vllm_cpu_engine(tiny_model: Path, tmp_path
         finally:
             await stop_engine(proc, port)
     assert done == len(WARM_UP_PROMPT_WORDS)
+
+
+# --- the request sent as the wake starts (wake-on-request item of the H100 run) -------------
+
+async def test_early_upstream_answers_once_the_engine_was_sent_its_wake(tmp_path: Path) -> None:
+    """A request may go to a level-1 sleeper that queues requests, right after gpud sent it
+    /wake_up (not before: on the H100 that slowed a 1.8 GB model's wake by ~10%)."""
+    fake = FakeEngine()
+    fake.release_wake.clear()
+    server = TestServer(fake.app(), host="127.0.0.1")
+    await server.start_server()
+    r = reconciler(tmp_path)
+    try:
+        inst = r.instances["chat"] = Instance("chat", "chat", port=server.port)
+        inst.set_state("asleep", "test")
+        inst.client = VllmClient(str(server.make_url("")).rstrip("/"), r.session)
+        inst.sleep_level, inst.queues_asleep = 1, True
+        early = asyncio.create_task(r.early_upstream("chat"))
+        await asyncio.sleep(0.05)
+        assert not early.done(), "no wake was sent yet"
+        inst.set_state("waking", "woken by a request")
+        wake = asyncio.create_task(r._wake(inst, "woken by a request"))
+        await asyncio.wait_for(fake.woken.wait(), 2)
+        assert await asyncio.wait_for(early, 2) == inst.base_url
+        assert not wake.done()  # the engine is still waking: the request may go now
+        fake.release_wake.set()
+        assert await asyncio.wait_for(wake, 2)
+        assert inst.state == "awake" and await r.early_upstream("chat") is None  # it serves
+        inst.set_state("asleep", "test")
+        assert not inst.wake_sent.is_set()  # the next wake must be sent again
+        inst.sleep_level = 2  # vLLM resumes scheduling before reload_weights: never early
+        assert await r.early_upstream("chat") is None
+        inst.sleep_level, inst.queues_asleep = 1, False  # older vLLM: runs requests asleep
+        assert await r.early_upstream("chat") is None
+    finally:
+        await r.session.close()
+        await server.close()

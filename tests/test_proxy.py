@@ -198,7 +198,7 @@ class FakeBackend:
         self.awake[model] = True
         return self.upstream
 
-    def early_upstream(self, model: str) -> str | None:
+    async def early_upstream(self, model: str) -> str | None:
         return self.early.get(model)
 
     def waking_upstreams(self, model: str) -> list[str]:

@@ -110,6 +110,20 @@ def parse_sleep_state(metrics_text: str) -> int | None:
     return found
 
 
+def request_sent_trace() -> aiohttp.TraceConfig:
+    """A session trace that sets the asyncio.Event given as a request's `trace_request_ctx`
+    once that request's headers were sent (a body-less control call is then on its way)."""
+
+    async def headers_sent(session: aiohttp.ClientSession, ctx: Any, params: Any) -> None:
+        event = ctx.trace_request_ctx
+        if isinstance(event, asyncio.Event):
+            event.set()
+
+    trace = aiohttp.TraceConfig()
+    trace.on_request_headers_sent.append(headers_sent)
+    return trace
+
+
 class EngineAPIError(Exception):
     """An engine answered a control call with an error, or not at all."""
 
@@ -151,11 +165,13 @@ class VllmClient:
         *,
         json: Any = None,
         timeout: aiohttp.ClientTimeout | None = None,
+        sent: asyncio.Event | None = None,
     ) -> str:
         url = self.base_url + path
         try:
             async with self._session.request(
-                method, url, json=json, timeout=timeout or self._control_timeout
+                method, url, json=json, timeout=timeout or self._control_timeout,
+                trace_request_ctx=sent,
             ) as resp:
                 body = await resp.text()
                 if resp.status >= 400:
@@ -195,9 +211,10 @@ class VllmClient:
             raise ValueError(f"sleep level must be 1 or 2, not {level!r}")
         await self._call("POST", f"/sleep?level={level}")
 
-    async def wake_up(self) -> None:
-        """`POST /wake_up`: weights and KV cache back on the device."""
-        await self._call("POST", "/wake_up")
+    async def wake_up(self, sent: asyncio.Event | None = None) -> None:
+        """`POST /wake_up`: weights and KV cache back on the device. `sent` is set once the
+        request left (the session needs `request_sent_trace()`)."""
+        await self._call("POST", "/wake_up", sent=sent)
 
     async def is_sleeping(self) -> bool:
         data = await self._json("GET", "/is_sleeping", timeout=self._health_timeout)
@@ -286,14 +303,15 @@ class VllmClient:
         """The engine's own sleep level (0 awake, 1, 2), or None if it does not say."""
         return parse_sleep_state(await self.metrics_text())
 
-    async def wake(self, level: int | None = None) -> int | None:
+    async def wake(self, level: int | None = None,
+                   sent: asyncio.Event | None = None) -> int | None:
         """Wake fully from any sleep. After a level-2 sleep the weights were discarded:
         wake_up, reload_weights, then reset_prefix_cache (cached prefixes were computed
         with weights that are gone). With `level=None` the engine's metrics say which
         sleep it is in. Returns the level it woke from (None: unknown, treated as 1)."""
         if level is None:
             level = await self.sleep_state_from_metrics()
-        await self.wake_up()
+        await self.wake_up(sent=sent)
         if level == 2:
             await self.reload_weights()
             await self.reset_prefix_cache()

@@ -93,12 +93,14 @@ class Backend(Protocol):
         the engine wakes, so the request does not pay for it after the wake."""
         ...
 
-    def early_upstream(self, model: str) -> str | None:
+    async def early_upstream(self, model: str) -> str | None:
         """Base URL of `model`'s engine that may be sent a request before its wake ends
-        (it queues requests while asleep and runs them once awake), or None. The proxy
-        sends the request there at once and relays the answer once `ready_upstream`
-        returns the same URL; on any other outcome it closes that connection, which makes
-        the engine drop the queued request."""
+        (it queues requests while asleep and runs them once awake), or None at once.
+        Returns once the engine was sent its wake, so the request follows the wake in (on
+        an H100, ahead of the wake it slowed a 1.8 GB model's wake by ~10%). The proxy
+        sends the request there and relays the answer once `ready_upstream` returns the
+        same URL; on any other outcome it closes that connection, which makes the engine
+        drop the queued request. Cancelled when `ready_upstream` ends first."""
         ...
 
     def request_started(self, model: str) -> None:

@@ -416,26 +416,28 @@ class Proxy:
         if client is None:
             raise RuntimeError("Proxy.start() was not called (or install() on a running app)")
         headers = _request_headers(request)
+        # The request's whole wait (queue and wake) counts against request_timeout.
+        remaining = max(route.request_timeout - (time.perf_counter() - t0), 0.0)
+        ready = asyncio.ensure_future(
+            asyncio.wait_for(self.backend.ready_upstream(route.name), remaining))
         early: str | None = None
         sent: asyncio.Task[UpstreamResponse] | None = None
-        waking = self.backend.waking_upstreams(route.name)
-        if waking:
-            early = self.backend.early_upstream(route.name)
-            if early is not None:
-                # The engine queues the request while it wakes (tokenized, scheduled the
-                # moment it is awake): the wake and the request's own set-up overlap.
-                sent = asyncio.ensure_future(client.post(early, path, body, headers))
-                _mark(request, "sent_early_ms")
-            else:
-                # The engine answers connections while it wakes: connect now, not after.
-                task = asyncio.create_task(client.preconnect(waking[0]))
-                self._preconnects.add(task)
-                task.add_done_callback(self._preconnects.discard)
         try:
-            # The request's whole wait (queue and wake) counts against request_timeout.
-            remaining = route.request_timeout - (time.perf_counter() - t0)
-            async with asyncio.timeout(max(remaining, 0.0)):
-                base = await self.backend.ready_upstream(route.name)
+            waking = self.backend.waking_upstreams(route.name)
+            if waking:
+                early = await self._early(route.name, ready)
+                if early is not None:
+                    # The engine was sent its wake and queues requests meanwhile: this one
+                    # follows the wake in, is tokenized while the weights come back and runs
+                    # the moment the engine is awake.
+                    sent = asyncio.ensure_future(client.post(early, path, body, headers))
+                    _mark(request, "sent_early_ms")
+                elif not ready.done():
+                    # The engine answers connections while it wakes: connect now, not after.
+                    task = asyncio.create_task(client.preconnect(waking[0]))
+                    self._preconnects.add(task)
+                    task.add_done_callback(self._preconnects.discard)
+            base = await ready
         except TimeoutError:
             _drop(sent)
             return self._timed_out(route, "a ready engine"), None
@@ -445,6 +447,7 @@ class Proxy:
                 503, e.reason, e.code, type_="service_unavailable", retry_after=e.retry_after
             ), None
         except BaseException:
+            ready.cancel()
             _drop(sent)
             raise
         _mark(request, "upstream_ready_ms")
@@ -455,6 +458,20 @@ class Proxy:
             return await self._send(request, base, path, body, headers, route, t0, sent)
         finally:
             self.backend.upstream_released(route.name, base)
+
+    async def _early(self, model: str, ready: asyncio.Future[str]) -> str | None:
+        """The engine to send the request to before its wake ends, once it was sent its
+        wake (`Backend.early_upstream`); None when there is none or the wait ended first."""
+        early = asyncio.ensure_future(self.backend.early_upstream(model))
+        both: set[asyncio.Future[str | None]] = {early, ready}  # type: ignore[arg-type]
+        try:
+            await asyncio.wait(both, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not early.done():
+                early.cancel()
+        if early.cancelled() or early.exception() is not None:
+            return None
+        return early.result()
 
     async def _send(
         self,
