@@ -555,6 +555,10 @@ class Bench:
         return ttft, text, t_wake
 
     def _wake_stage(self, res: dict[str, Any], level: int) -> None:
+        for m in MODELS:  # the greedy reference, awake, before any sleep of this stage
+            if m not in self.ref_text and self.engines()[m]["state"] == "awake":
+                self.ref_text[m] = stream(self.a.port, m)[1]
+        res["ref_text"] = dict(self.ref_text)
         self.states = {m: "asleep" for m in MODELS}
         self.level = {m: level for m in MODELS}
         self.idle = "2s"
@@ -567,6 +571,7 @@ class Bench:
             raw_wake: list[float] = []
             same_g: list[bool] = []
             same_r: list[bool] = []
+            texts: list[str] = []
             first = True
             for rep in range(self.a.reps + 1):
                 for path in (("gpud", "raw") if rep % 2 == 0 else ("raw", "gpud")):
@@ -586,6 +591,7 @@ class Bench:
                         if rep:
                             g.append(t)
                             same_g.append(text == self.ref_text.get(m))
+                            texts.append(text)
                     else:
                         t, text, tw = self._raw_wake(m, level)
                         if rep:
@@ -599,7 +605,8 @@ class Bench:
                       "ratio": round(med(g) / med(raw), 3) if g and raw else None,
                       "gpud_woke_event_s": [e.get("duration") for e in woke][-self.a.reps:],
                       "gpud_marks": marks,
-                      "same_text_gpud": same_g, "same_text_raw": same_r}
+                      "same_text_gpud": same_g, "same_text_raw": same_r,
+                      "gpud_texts": sorted(set(texts))}
         res["models"] = out
         res["summary"] = {m: {"gpud": out[m]["gpud_median"], "raw": out[m]["raw_median"],
                               "ratio": out[m]["ratio"],
