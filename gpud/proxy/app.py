@@ -20,7 +20,7 @@ import contextlib
 import json
 import math
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Final
 
 from aiohttp import web
@@ -418,38 +418,22 @@ class Proxy:
         headers = _request_headers(request)
         # The request's whole wait (queue and wake) counts against request_timeout.
         remaining = max(route.request_timeout - (time.perf_counter() - t0), 0.0)
-        ready = asyncio.ensure_future(
-            asyncio.wait_for(self.backend.ready_upstream(route.name), remaining))
         early: str | None = None
-        sent: asyncio.Task[UpstreamResponse] | None = None
+        sent: asyncio.Future[UpstreamResponse] | None = None
         try:
             waking = self.backend.waking_upstreams(route.name)
             if waking:
-                early = await self._early(route.name, ready)
-                if early is not None:
-                    # The engine was sent its wake and queues requests meanwhile: this one
-                    # follows the wake in, is tokenized while the weights come back and runs
-                    # the moment the engine is awake.
-                    sent = asyncio.ensure_future(client.post(early, path, body, headers))
-                    _mark(request, "sent_early_ms")
-                elif not ready.done():
-                    # The engine answers connections while it wakes: connect now, not after.
-                    task = asyncio.create_task(client.preconnect(waking[0]))
-                    self._preconnects.add(task)
-                    task.add_done_callback(self._preconnects.discard)
-            base = await ready
+                base, early, sent = await self._wake(request, route, remaining, waking, path,
+                                                     body, headers)
+            else:
+                async with asyncio.timeout(remaining):
+                    base = await self.backend.ready_upstream(route.name)
         except TimeoutError:
-            _drop(sent)
             return self._timed_out(route, "a ready engine"), None
         except ModelUnavailable as e:
-            _drop(sent)
             return error_response(
                 503, e.reason, e.code, type_="service_unavailable", retry_after=e.retry_after
             ), None
-        except BaseException:
-            ready.cancel()
-            _drop(sent)
-            raise
         _mark(request, "upstream_ready_ms")
         if sent is not None and (base != early or (sent.done() and sent.exception())):
             _drop(sent)  # served elsewhere, or the early send failed: send it now
@@ -458,6 +442,36 @@ class Proxy:
             return await self._send(request, base, path, body, headers, route, t0, sent)
         finally:
             self.backend.upstream_released(route.name, base)
+
+    async def _wake(
+        self, request: web.Request, route: ModelRoute, remaining: float, waking: Sequence[str],
+        path: str, body: bytes, headers: bytes,
+    ) -> tuple[str, str | None, asyncio.Future[UpstreamResponse] | None]:
+        """Wait for a sleeping model's engine: (its base URL, the engine the request was sent
+        to early or None, that early send). On any exception, nothing is left behind."""
+        client = self._client
+        assert client is not None
+        ready = asyncio.ensure_future(
+            asyncio.wait_for(self.backend.ready_upstream(route.name), remaining))
+        sent: asyncio.Future[UpstreamResponse] | None = None
+        try:
+            early = await self._early(route.name, ready)
+            if early is not None:
+                # The engine was sent its wake and queues requests meanwhile: this one
+                # follows the wake in, is tokenized while the weights come back and runs
+                # the moment the engine is awake.
+                sent = asyncio.ensure_future(client.post(early, path, body, headers))
+                _mark(request, "sent_early_ms")
+            elif not ready.done():
+                # The engine answers connections while it wakes: connect now, not after.
+                task = asyncio.create_task(client.preconnect(waking[0]))
+                self._preconnects.add(task)
+                task.add_done_callback(self._preconnects.discard)
+            return await ready, early, sent
+        except BaseException:
+            ready.cancel()
+            _drop(sent)
+            raise
 
     async def _early(self, model: str, ready: asyncio.Future[str]) -> str | None:
         """The engine to send the request to before its wake ends, once it was sent its
