@@ -78,6 +78,9 @@ class Daemon:
         self._reload_lock = asyncio.Lock()
         self._stop = asyncio.Event()
         self._watching = asyncio.Event()  # the config watcher is set up
+        # READY=1 went out at start-up: before that, a reload (the watcher's catch-up one)
+        # must not tell systemd RELOADING/READY, or it reads the daemon as up before it listens.
+        self._announced = False
         self._status_line = ""
         self.proxy: Any = None
         self.scheduler: Any = None
@@ -129,7 +132,9 @@ class Daemon:
     async def reload(self, source: str) -> dict[str, Any]:
         """Validate, then swap. An invalid file changes nothing but the reported error."""
         async with self._reload_lock:
-            self.notifier.reloading()
+            announced = self._announced
+            if announced:
+                self.notifier.reloading()
             try:
                 try:
                     new = await asyncio.to_thread(load_config, self.config_path)
@@ -159,7 +164,8 @@ class Daemon:
                 return {"valid": True, "changed": True, "revision": new.revision, "error": None}
             finally:
                 self._update_status()
-                self.notifier.ready()
+                if announced:
+                    self.notifier.ready()
 
     def _keyring(self) -> Any:
         from gpud.proxy.auth import ApiKey, KeyRing
@@ -382,6 +388,7 @@ class Daemon:
         self.reconciler.pass_once()
         self._update_status()
         self.notifier.ready()
+        self._announced = True
         where = "embedded default" if self.loaded.embedded else str(self.loaded.path)
         log.info("gpud %s ready on http://%s (config %s, revision %s)", __version__,
                  cfg.daemon.listen, where, self.loaded.revision)

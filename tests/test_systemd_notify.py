@@ -363,6 +363,9 @@ def test_daemon_ready_status_reload_watchdog_stopping(
 ) -> None:
     t0 = time.monotonic()
     ready = notify_socket.wait_for("READY", timeout=30, proc=daemon.proc)
+    # no reload is announced before the first READY (the watcher's catch-up reload at start
+    # once sent RELOADING=1 and READY=1 before the listener was bound)
+    assert not any("RELOADING" in m for m in notify_socket.messages), notify_socket.messages
     # READY means it serves: the API answers right away
     assert daemon.status()["config"]
     assert time.monotonic() - t0 < 30
