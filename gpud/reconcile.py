@@ -550,7 +550,6 @@ class Reconciler:
         port = m.port if (m.port and d.replica == 0) else allocate_port(lo, hi, self._taken_ports())
         inst.port, inst.spec_hash, inst.gpu = port, d.spec_hash, d.gpu
         inst.sleep_level = d.sleep_level
-        inst.queues_asleep = False
         self.log_dir.mkdir(parents=True, exist_ok=True)
         argv = build_argv(spec, port)
         env = build_env(spec, dict(os.environ))
@@ -767,7 +766,6 @@ class Reconciler:
                     stop=lambda: inst.model in self.demand)
             except EngineAPIError as exc:
                 log.warning("%s: warm-up request after wake failed: %s", inst.key, exc)
-        inst.queues_asleep = False
         inst.set_state("awake", reason)
         self.events.publish("woke", model=inst.key, level=inst.sleep_level,
                             duration=round(time.monotonic() - t0, 3))
@@ -1071,15 +1069,21 @@ class Reconciler:
         insts = [i for i in self.instances.values() if i.model == model]
         if any(i.state == "awake" and i.awake.is_set() for i in insts):
             return None
+        if self._held_down(model) is not None:
+            return None
+        # the engine being woken, else the one `_wake_now` wakes: the first by replica
+        inst = min([i for i in insts if i.state == "waking"] or insts,
+                   key=lambda i: i.replica, default=None)
+        if (inst is not None and inst.state in ("asleep", "waking") and inst.queues_asleep
+                and inst.sleep_level == 1 and inst.client is not None and inst.base_url):
+            return inst
+        return None
+
+    def _held_down(self, model: str) -> Override | None:
+        """The operator's override holding `model` asleep or unloaded now, if any."""
         ov = self.overrides.get(model)
         if ov is not None and ov.state in ("asleep", "unloaded") and ov.active(self.now()):
-            return None
-        waking = [i for i in insts if i.state == "waking"]
-        for inst in sorted(waking or insts, key=lambda i: i.replica):
-            if (inst.state in ("asleep", "waking") and inst.queues_asleep
-                    and inst.sleep_level == 1 and inst.client is not None and inst.base_url):
-                return inst
-            break
+            return ov
         return None
 
     def upstream_released(self, model: str, base: str) -> None:
@@ -1118,8 +1122,8 @@ class Reconciler:
             raise ModelUnavailable(
                 f"model {model!r} is unloaded and does not allow load_on_demand", retry_after=60,
                 code="model_unloaded")
-        ov = self.overrides.get(model)
-        if ov is not None and ov.state in ("asleep", "unloaded") and ov.active(self.now()):
+        ov = self._held_down(model)
+        if ov is not None:
             raise ModelUnavailable(f"model {model!r} is held {ov.state} by an operator "
                                    f"({ov.reason})", retry_after=60, code="model_held")
         self.demand[model] = time.monotonic()

@@ -409,12 +409,14 @@ class Proxy:
             retry_after=min(max(route.request_timeout / 4, 1.0), 30.0),
         )
 
+    def _upstream_client(self) -> UpstreamClient:
+        if self._client is None:
+            raise RuntimeError("Proxy.start() was not called (or install() on a running app)")
+        return self._client
+
     async def _wake_and_send(
         self, request: web.Request, path: str, body: bytes, route: ModelRoute, t0: float
     ) -> tuple[web.StreamResponse, float | None]:
-        client = self._client
-        if client is None:
-            raise RuntimeError("Proxy.start() was not called (or install() on a running app)")
         headers = _request_headers(request)
         # The request's whole wait (queue and wake) counts against request_timeout.
         remaining = max(route.request_timeout - (time.perf_counter() - t0), 0.0)
@@ -449,8 +451,7 @@ class Proxy:
     ) -> tuple[str, str | None, asyncio.Future[UpstreamResponse] | None]:
         """Wait for a sleeping model's engine: (its base URL, the engine the request was sent
         to early or None, that early send). On any exception, nothing is left behind."""
-        client = self._client
-        assert client is not None
+        client = self._upstream_client()
         ready = asyncio.ensure_future(
             asyncio.wait_for(self.backend.ready_upstream(route.name), remaining))
         sent: asyncio.Future[UpstreamResponse] | None = None
@@ -498,9 +499,7 @@ class Proxy:
         t0: float,
         sent: asyncio.Future[UpstreamResponse] | None = None,
     ) -> tuple[web.StreamResponse, float | None]:
-        client = self._client
-        if client is None:
-            raise RuntimeError("Proxy.start() was not called (or install() on a running app)")
+        client = self._upstream_client()
         try:
             upstream = None
             if sent is not None:
