@@ -25,6 +25,7 @@ from gpud.config import EMBEDDED_DEFAULT, ConfigError, LoadedConfig, load_config
 from gpud.config.load import DEFAULT_PATH
 from gpud.events import EventBus
 from gpud.reconcile import Reconciler
+from gpud.states import RUNNING, TRANSITIONAL, State
 from gpud.systemd import Notifier, run_watchdog, status_line
 from gpud.web.memory import memory_status, model_bytes
 
@@ -189,9 +190,8 @@ class Daemon:
     def _update_status(self) -> None:
         r = self.reconciler
         models = r.instances
-        ready = sum(1 for i in models.values() if i.state in ("awake", "asleep"))
-        moving = {k: i.state for k, i in models.items()
-                  if i.state in ("starting", "waking", "sleeping", "stopping", "draining")}
+        ready = sum(1 for i in models.values() if i.state in RUNNING)
+        moving = {k: i.state.value for k, i in models.items() if i.state in TRANSITIONAL}
         profile, _ = r.active_profile(r.now())
         line = status_line(profile, ready, len(models), moving, self.loaded.revision)
         if self.config_error:
@@ -445,8 +445,8 @@ class Daemon:
             if not m.uses_pool:
                 continue
             insts = [i for i in r.instances.values() if i.model == name]
-            state = next((i.state for i in insts if i.state == "awake"),
-                         insts[0].state if insts else "unloaded")
+            state = next((i.state for i in insts if i.state == State.AWAKE),
+                         insts[0].state if insts else State.UNLOADED)
             t = r.traffic.get(name)
             activity = activity_of(state, t.inflight if t else 0, r.quiet_for(name, mono),
                                    idle_after)

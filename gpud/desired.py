@@ -13,8 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from gpud.config.schema import GpudConfig, ModelConfig
-
-STATES = ("awake", "asleep", "unloaded")
+from gpud.states import DESIRABLE, State
 
 
 @dataclass(frozen=True)
@@ -115,7 +114,7 @@ def effective(cfg: GpudConfig, layers: Layers, now: datetime) -> dict[str, Desir
                 if entry.state is None:
                     reason, layer = f"profile {layers.profile} sets {replicas} replicas", "profile"
         intent = layers.intents.get(name)
-        if intent is not None and intent.state in STATES:
+        if intent is not None and intent.state in DESIRABLE:
             state, layer = intent.state, "policy"
             level = intent.level or level
             reason = f"policy {intent.policy}: {intent.reason}" if intent.policy else intent.reason
@@ -130,7 +129,7 @@ def effective(cfg: GpudConfig, layers: Layers, now: datetime) -> dict[str, Desir
             until = f" until {ov.until.isoformat(timespec='minutes')}" if ov.until else ""
             reason, layer = f"{ov.reason}{until}", "override"
         if replicas == 0:
-            state = "unloaded"
+            state = State.UNLOADED
         for r in range(max(replicas, 1)):
             gpu = gpu_override if gpu_override is not None else replica_gpu(m, r)
             key = instance_key(name, r)

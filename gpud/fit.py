@@ -25,7 +25,8 @@ from typing import Any, Literal
 
 from gpud.config.schema import ModelConfig
 from gpud.desired import DesiredModel
-from gpud.plan import FREES, ORDER, TRANSITIONAL, Action, ObservedModel, Plan
+from gpud.plan import FREES, ORDER, Action, ObservedModel, Plan
+from gpud.states import RUNNING, TRANSITIONAL
 
 GiB = 1024**3
 MiB = 1024**2
@@ -328,7 +329,7 @@ class _Fitter:
     def held(self, key: str) -> int:
         fp = self.fps.get(key)
         state = self.state.get(key, "unloaded")
-        if fp is None or state not in ("awake", "asleep"):
+        if fp is None or state not in RUNNING:
             return 0
         return fp.awake if state == "awake" else fp.asleep
 
@@ -387,7 +388,7 @@ class _Fitter:
         mine = self.desired[key].priority if key in self.desired else 0
         ok, spared = [], []
         for v, state in sorted(self.state.items()):
-            if v == key or self.where.get(v) != g or state not in ("awake", "asleep"):
+            if v == key or self.where.get(v) != g or state not in RUNNING:
                 continue
             if v in self.acted:
                 continue  # the plan moves it already

@@ -11,17 +11,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 from gpud.desired import DesiredModel
+from gpud.states import RUNNING, STABLE, TRANSITIONAL, State
 
-# Observed states. Transitional ones mean an action is already under way: the planner waits.
-STABLE = ("unloaded", "awake", "asleep", "failed")
-TRANSITIONAL = ("starting", "waking", "sleeping", "stopping", "draining", "moving")
+__all__ = ["STABLE", "TRANSITIONAL", "Action", "ObservedModel", "Plan", "apply", "plan"]
 FREES = ("sleep", "unload")
 ORDER = {"sleep": 0, "unload": 0, "restart": 1, "wake": 2, "load": 2}
 
 
 @dataclass(frozen=True)
 class ObservedModel:
-    state: str = "unloaded"
+    state: str = State.UNLOADED
     spec_hash: str | None = None
     gpu: int | None = None
     busy: bool = False
@@ -57,29 +56,29 @@ def _for_model(d: DesiredModel | None, o: ObservedModel, key: str) -> list[Actio
     if o.state in TRANSITIONAL:
         return []
     if d is None:
-        if o.state in ("unloaded",):
+        if o.state == State.UNLOADED:
             return []
         return [Action("unload", key, "no longer in the desired state", o.gpu)]
-    running = o.state in ("awake", "asleep")
-    if o.state == "failed":
-        if o.spec_hash == d.spec_hash or d.state == "unloaded":
+    running = o.state in RUNNING
+    if o.state == State.FAILED:
+        if o.spec_hash == d.spec_hash or d.state == State.UNLOADED:
             return []  # the supervisor gave up; a new spec or a manual load retries
         running = False
-    if d.state == "unloaded":
+    if d.state == State.UNLOADED:
         return [Action("unload", key, d.reason, o.gpu)] if running else []
     if running and o.spec_hash != d.spec_hash:
         actions = [Action("restart", key, "its spec changed in the file", d.gpu)]
-        if d.state == "asleep":
+        if d.state == State.ASLEEP:
             actions.append(Action("sleep", key, d.reason, d.gpu, d.sleep_level))
         return actions
     if not running:
         actions = [Action("load", key, d.reason, d.gpu)]
-        if d.state == "asleep":
+        if d.state == State.ASLEEP:
             actions.append(Action("sleep", key, d.reason, d.gpu, d.sleep_level))
         return actions
-    if d.state == "awake" and o.state == "asleep":
+    if d.state == State.AWAKE and o.state == State.ASLEEP:
         return [Action("wake", key, d.reason, d.gpu)]
-    if d.state == "asleep" and o.state == "awake":
+    if d.state == State.ASLEEP and o.state == State.AWAKE:
         return [Action("sleep", key, d.reason, d.gpu, d.sleep_level)]
     return []
 
@@ -122,11 +121,11 @@ def apply(observed: Mapping[str, ObservedModel], actions: tuple[Action, ...],
         d = desired.get(a.model)
         o = out.get(a.model, ObservedModel())
         if a.action == "unload":
-            out[a.model] = ObservedModel("unloaded", None, None)
+            out[a.model] = ObservedModel(State.UNLOADED, None, None)
         elif a.action in ("load", "restart") and d is not None:
-            out[a.model] = ObservedModel("awake", d.spec_hash, d.gpu)
+            out[a.model] = ObservedModel(State.AWAKE, d.spec_hash, d.gpu)
         elif a.action == "wake":
-            out[a.model] = replace(o, state="awake")
+            out[a.model] = replace(o, state=State.AWAKE)
         elif a.action == "sleep":
-            out[a.model] = replace(o, state="asleep")
-    return {k: v for k, v in out.items() if v.state != "unloaded" or k in desired}
+            out[a.model] = replace(o, state=State.ASLEEP)
+    return {k: v for k, v in out.items() if v.state != State.UNLOADED or k in desired}

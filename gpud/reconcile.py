@@ -33,6 +33,7 @@ from gpud.engines.process import (
     allocate_port,
 )
 from gpud.engines.records import EngineRecord, adopt, read_records, remove_record, write_record
+from gpud.engines.restart import RestartPolicy
 from gpud.engines.spec import EngineSpec
 from gpud.engines.vllm import (
     EngineAPIError,
@@ -56,6 +57,7 @@ from gpud.plan import Action, ObservedModel, Plan, plan
 from gpud.proxy.api import ModelRoute, ModelUnavailable
 from gpud.proxy.singleflight import SingleFlight
 from gpud.schedule import Boundary, Schedule, ScheduleEntry
+from gpud.states import RUNNING, IllegalTransition, State, legal
 
 log = logging.getLogger("gpud.reconcile")
 
@@ -66,8 +68,9 @@ HEALTH_FAILURES = 5  # consecutive unanswered checks (one per tick) before an en
 # first request was in flight). Every engine is still asked every OBSERVE_AT_LEAST seconds.
 OBSERVE_QUIET = 3.0
 OBSERVE_AT_LEAST = 15.0
-TRANSITIONAL = {"load": "starting", "restart": "starting", "wake": "waking",
-                "sleep": "sleeping", "unload": "stopping"}
+# The state an instance is in while an action runs on it.
+DURING = {"load": State.STARTING, "restart": State.STARTING, "wake": State.WAKING,
+          "sleep": State.SLEEPING, "unload": State.STOPPING}
 
 
 @dataclass
@@ -77,14 +80,14 @@ class Instance:
     key: str
     model: str
     replica: int = 0
-    state: str = "unloaded"
+    state: State = State.UNLOADED
     spec_hash: str | None = None
     gpu: int | None = None
     port: int | None = None
     proc: EngineProcess | None = None
     client: VllmClient | None = None
     restarts: int = 0
-    failures: int = 0
+    backoff: RestartPolicy = field(default_factory=RestartPolicy)
     retry_at: float = 0.0
     reason: str = ""
     last_error: str | None = None
@@ -99,27 +102,37 @@ class Instance:
     health_failures: int = 0
     observed_at: float = 0.0  # monotonic: the engine last answered /is_sleeping
     answered_at: float = 0.0  # monotonic: the engine last answered anything gpud sent it
-    state_before: str = "unloaded"
+    state_before: State = State.UNLOADED
     awake: asyncio.Event = field(default_factory=asyncio.Event)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     # Set once the engine was sent its `/wake_up` (the request's headers left), for the
     # proxy's early send; cleared on every state but awake.
     wake_sent: asyncio.Event = field(default_factory=asyncio.Event)
 
-    def set_state(self, state: str, reason: str | None = None) -> None:
-        if state != self.state:
+    # Told of every change of state (the reconciler publishes a `state` event).
+    on_change: Callable[[Instance, State], None] | None = field(
+        default=None, repr=False, compare=False)
+
+    def change_state(self, state: State, reason: str | None = None) -> None:
+        """The one way an instance changes state: an illegal move raises (a gpud bug)."""
+        old = self.state
+        if not legal(old, state):
+            raise IllegalTransition(self.key, old, state)
+        if state != old:
             self.state_since = time.time()
         self.answered_at = time.monotonic()
         self.state = state
         if reason is not None:
             self.reason = reason
-        if state == "awake":
+        if state == State.AWAKE:
             self.awake.set()
         else:
             self.awake.clear()
             self.wake_sent.clear()
         self.changed.set()
         self.changed = asyncio.Event()
+        if state != old and self.on_change is not None:
+            self.on_change(self, old)
 
     @property
     def base_url(self) -> str | None:
@@ -235,9 +248,9 @@ class Reconciler:
             idle = self.quiet_for(name, mono)
             if idle is not None and idle >= m.idle_sleep_after.total_seconds():
                 d = base.get(name)
-                if d and d.state == "awake":
+                if d and d.state == State.AWAKE:
                     idle_for = format_duration(m.idle_sleep_after)
-                    intents[name] = Intent("asleep", f"idle for {idle_for}")
+                    intents[name] = Intent(State.ASLEEP, f"idle for {idle_for}")
         # Pre-wake: models the coming profile wants awake wake `prewake` before the boundary.
         boundary = self.next_boundary(now) if self.forced_profile is None else None
         if boundary and boundary.prewake and now >= boundary.at - boundary.prewake:
@@ -245,9 +258,9 @@ class Reconciler:
             at = boundary.at.strftime("%H:%M")
             for key, d in coming.items():
                 cur = base.get(key)
-                if d.state == "awake" and cur and cur.state == "asleep":
+                if d.state == State.AWAKE and cur and cur.state == State.ASLEEP:
                     intents[d.model] = Intent(
-                        "awake", f"pre-waking for profile {boundary.profile} at {at}")
+                        State.AWAKE, f"pre-waking for profile {boundary.profile} at {at}")
                     notes[d.model] = intents[d.model].reason
         intents.update(self.intents)
         # Demand: a request woke the model; it stays awake until idle again.
@@ -260,7 +273,7 @@ class Reconciler:
             ttl = (m.idle_sleep_after or timedelta(minutes=10)).total_seconds()
             last = max(since, t.last_request if t else 0.0)
             if (t and t.inflight) or mono - last < ttl:
-                intents[name] = Intent("awake", "woken by a request")
+                intents[name] = Intent(State.AWAKE, "woken by a request")
             else:
                 del self.demand[name]
         overrides = {k: v for k, v in self.overrides.items() if v.active(now)}
@@ -278,7 +291,7 @@ class Reconciler:
 
     def _awake_since(self, model: str) -> float:
         inst = self.instances.get(model)
-        if inst is None or inst.state != "awake":
+        if inst is None or inst.state != State.AWAKE:
             return 0.0
         return time.monotonic() - (time.time() - inst.state_since)
 
@@ -315,6 +328,13 @@ class Reconciler:
             except Exception:
                 log.exception("reconcile pass failed; retrying on the next tick")
 
+    def _instance(self, key: str, model: str, replica: int) -> Instance:
+        def changed(inst: Instance, previous: State) -> None:
+            self.events.publish("state", model=inst.key, state=inst.state.value,
+                                previous=previous.value, reason=inst.reason)
+
+        return Instance(key, model, replica, on_change=changed)
+
     def observed(self) -> dict[str, ObservedModel]:
         out = {}
         for key, inst in self.instances.items():
@@ -334,7 +354,8 @@ class Reconciler:
             self.last_profile = profile
         desired = self.desired(now)
         for key, d in desired.items():
-            self.instances.setdefault(key, Instance(key, d.model, d.replica))
+            if key not in self.instances:
+                self.instances[key] = self._instance(key, d.model, d.replica)
         observed = self.observed()
         result = plan(desired, observed)
         fitted = self._fit(result, desired, observed)
@@ -358,12 +379,12 @@ class Reconciler:
             after = [] if first.action in ("sleep", "unload") or first.gpu is None else \
                 list(frees.get(first.gpu, []))
             inst.state_before = inst.state
-            if first.action == "restart" and inst.state == "awake" and inst.gpu != \
+            if first.action == "restart" and inst.state == State.AWAKE and inst.gpu != \
                     desired[key].gpu:
-                inst.set_state("moving", f"moving to GPU {desired[key].gpu}: starting the new "
-                               "engine")
+                inst.change_state(State.MOVING, f"moving to GPU {desired[key].gpu}: starting "
+                                  "the new engine")
             else:
-                inst.set_state(TRANSITIONAL[first.action], first.reason)
+                inst.change_state(DURING[first.action], first.reason)
             task = asyncio.create_task(
                 self._run_chain(inst, actions, desired.get(key), after=after))
             self._tasks[key] = task
@@ -377,7 +398,7 @@ class Reconciler:
             if want is not None and key not in self._tasks and inst.state == want.state:
                 inst.reason = want.reason
         for key in [k for k, i in self.instances.items()
-                    if k not in desired and i.state == "unloaded" and k not in self._tasks]:
+                    if k not in desired and i.state == State.UNLOADED and k not in self._tasks]:
             del self.instances[key]
         self.last_pass = time.monotonic()
         self.last_pass_seconds = self.last_pass - t_pass
@@ -395,7 +416,7 @@ class Reconciler:
             for action in actions:
                 started = time.monotonic()
                 if action is not actions[0]:
-                    inst.set_state(TRANSITIONAL[action.action], action.reason)
+                    inst.change_state(DURING[action.action], action.reason)
                 self.events.publish("action_started", action=action.action, model=inst.key,
                                     reason=action.reason)
                 ok = await self._execute(inst, action, d)
@@ -408,7 +429,7 @@ class Reconciler:
         except Exception as exc:
             log.exception("%s: %s failed", inst.key, actions[0].action)
             inst.last_error = f"{type(exc).__name__}: {exc}"
-            inst.set_state("failed" if inst.proc is None else inst.state, inst.last_error)
+            inst.change_state(State.FAILED if inst.proc is None else inst.state, inst.last_error)
         finally:
             self._tasks.pop(inst.key, None)
             self.trigger()
@@ -432,12 +453,13 @@ class Reconciler:
             async with self._gpu_lock(inst, d):
                 return await self._load(inst, d)
         if action.action == "restart":
-            if (d is not None and inst.state_before == "awake" and inst.proc is not None
+            if (d is not None and inst.state_before == State.AWAKE and inst.proc is not None
                     and inst.gpu != d.gpu):
                 return await self._move(inst, d)
             await self._unload(inst, "restarting: its spec changed")
             if d is None:
                 return False
+            inst.change_state(State.STARTING, action.reason)
             inst.gpu = d.gpu
             async with self._gpu_lock(inst, d):
                 return await self._load(inst, d)
@@ -491,12 +513,12 @@ class Reconciler:
             if inst is None or inst.spec_hash is None or inst.key in self._tasks:
                 continue
             m = self.config.models.get(inst.model)
-            if m is None or inst.state not in ("awake", "asleep"):
+            if m is None or inst.state not in RUNNING:
                 continue
             kv = m.kv_cache if m.kv_cache is not None else (m.kv_max or 0)
             fkey = FootprintStore.key(inst.model, inst.gpu, inst.spec_hash)
             old = self.footprints.get(fkey)
-            if inst.state == "awake":
+            if inst.state == State.AWAKE:
                 asleep = old.sleeping if old is not None else None
                 new = measured_footprint(used, kv, asleep=asleep)
             elif old is not None and old.source == "measured":
@@ -583,10 +605,11 @@ class Reconciler:
             return False
         duration = time.monotonic() - started
         self.events.publish("loaded", model=inst.key, duration=round(duration, 2))
-        inst.failures = 0
+        inst.backoff.succeeded()
         inst.last_error = None
-        inst.set_state("awake", d.reason)
-        if engine.sleep_mode and engine.warm_sleep and not inst.slept_once and d.state == "awake":
+        inst.change_state(State.AWAKE, d.reason)
+        if (engine.sleep_mode and engine.warm_sleep and not inst.slept_once
+                and d.state == State.AWAKE):
             # vLLM's first sleep allocates the pinned host buffer (seconds for an 8B model);
             # pay it now, while nothing waits, so the first sleep a schedule needs is quick.
             await self._warm_sleep(inst)
@@ -638,13 +661,14 @@ class Reconciler:
         inst.spec_hash, inst.gpu, inst.started_at = d.spec_hash, d.gpu, time.time()
         self._watch_exit(inst, proc)
         write_record(self.runtime_dir, EngineRecord.of(proc, port, d.spec_hash))
-        inst.set_state("moving", f"moved to GPU {d.gpu}; draining the old engine on GPU {old_gpu}")
+        inst.change_state(State.MOVING,
+                          f"moved to GPU {d.gpu}; draining the old engine on GPU {old_gpu}")
         self.events.publish("move", model=inst.key, phase="switched", gpu=d.gpu)
         drained = await self.drain(old_url, m.drain_timeout.total_seconds())
         if old_proc is not None:
             await old_proc.stop(engine.stop_timeout.total_seconds())
         took = time.monotonic() - t0
-        inst.set_state("awake", f"moved from GPU {old_gpu} to GPU {d.gpu} in {took:.1f}s"
+        inst.change_state(State.AWAKE, f"moved from GPU {old_gpu} to GPU {d.gpu} in {took:.1f}s"
                        + ("" if drained else " (drain timed out)"))
         self.events.publish("move", model=inst.key, phase="done", gpu=d.gpu,
                             duration=round(took, 2), drained=drained)
@@ -652,13 +676,31 @@ class Reconciler:
 
     def _move_failed(self, inst: Instance, d: DesiredModel, why: str) -> bool:
         inst.last_error = why
-        inst.failures += 1
-        inst.retry_at = time.monotonic() + min(300.0, 5.0 * 2 ** (inst.failures - 1))
-        asyncio.get_running_loop().call_later(inst.retry_at - time.monotonic(), self.trigger)
-        inst.set_state("awake", f"move to GPU {d.gpu} failed, still serving on GPU {inst.gpu}: "
-                       f"{why}")
+        # The old engine keeps serving, so a failed move never gives up: it waits at most cap.
+        delay = self._backoff(inst)
+        self._retry_in(inst, delay if delay is not None else inst.backoff.cap)
+        inst.change_state(State.AWAKE, f"move to GPU {d.gpu} failed, still serving on GPU "
+                          f"{inst.gpu}: {why}")
         self.events.publish("move", model=inst.key, phase="failed", error=why)
         return False
+
+    def _backoff(self, inst: Instance) -> float | None:
+        """Seconds before the next start after a failure, None to give up (RestartPolicy,
+        with the engine's settings of the config in force)."""
+        m = self.config.models.get(inst.model)
+        engine = self.config.engines[m.engine] if m is not None else None
+        b = inst.backoff
+        if engine is not None:
+            b.initial = engine.restart_backoff.total_seconds()
+            b.cap = max(b.initial, engine.restart_backoff_max.total_seconds())
+            b.max_tries = engine.max_restarts
+        else:
+            b.max_tries = 0
+        return b.crashed(time.monotonic())
+
+    def _retry_in(self, inst: Instance, delay: float) -> None:
+        inst.retry_at = time.monotonic() + delay
+        asyncio.get_running_loop().call_later(delay, self.trigger)
 
     async def _warm_sleep(self, inst: Instance) -> None:
         client = inst.client
@@ -680,7 +722,7 @@ class Reconciler:
         except (aiohttp.ClientError, TimeoutError, EngineAPIError) as exc:
             log.warning("%s: warm-up sleep/wake failed: %s", inst.key, exc)
         finally:
-            if inst.state == "awake":
+            if inst.state == State.AWAKE:
                 inst.awake.set()
                 # Requests that arrived meanwhile wait in _bring_up on `changed`: release
                 # them now rather than at their next 1 s poll.
@@ -688,23 +730,18 @@ class Reconciler:
                 inst.changed = asyncio.Event()
 
     def _failed_start(self, inst: Instance, why: str) -> None:
-        engine = self.config.engines[self.config.models[inst.model].engine] \
-            if inst.model in self.config.models else None
-        inst.failures += 1
         inst.last_error = why
         inst.proc = None
         remove_record(self.runtime_dir, inst.key)
-        max_restarts = engine.max_restarts if engine else 0
-        if inst.failures > max_restarts:
-            inst.set_state("failed", f"failed: {why} (gave up after {inst.failures} tries)")
+        delay = self._backoff(inst)
+        tries = inst.backoff.consecutive
+        if delay is None:
+            inst.change_state(State.FAILED, f"failed: {why} (gave up after {tries + 1} tries)")
             self.events.publish("failed", model=inst.key, reason=inst.reason)
             return
-        base = engine.restart_backoff.total_seconds() if engine else 2.0
-        cap = engine.restart_backoff_max.total_seconds() if engine else 300.0
-        delay = min(cap, base * 2 ** (inst.failures - 1))
-        inst.retry_at = time.monotonic() + delay
-        inst.set_state("unloaded", f"{why}; retry {inst.failures}/{max_restarts} in {delay:.0f}s")
-        asyncio.get_running_loop().call_later(delay, self.trigger)
+        self._retry_in(inst, delay)
+        inst.change_state(State.UNLOADED,
+                          f"{why}; retry {tries}/{inst.backoff.max_tries} in {delay:.0f}s")
 
     def _watch_exit(self, inst: Instance, proc: EngineProcess) -> None:
         def exited(_: EngineProcess) -> None:
@@ -714,7 +751,7 @@ class Reconciler:
             inst.restarts += 1
             self.events.publish("crashed", model=inst.key, pid=proc.pid, cause=cause,
                                 detail=detail)
-            starting = inst.state == "starting"
+            starting = inst.state == State.STARTING
             # spec_hash stays: a `failed` model is retried only when its spec changes.
             inst.port, inst.client = None, None
             # The process layer ends the rest of the group (EngineCore, workers) itself.
@@ -734,7 +771,7 @@ class Reconciler:
         inst.slept_once = True
         inst.sleep_level = level
         inst.queues_asleep = level == 1 and await self._queues_asleep(inst)
-        inst.set_state("asleep", reason)
+        inst.change_state(State.ASLEEP, reason)
         self.events.publish("slept", model=inst.key, level=level,
                             duration=round(time.monotonic() - t0, 3))
         return True
@@ -766,7 +803,7 @@ class Reconciler:
                     stop=lambda: inst.model in self.demand)
             except EngineAPIError as exc:
                 log.warning("%s: warm-up request after wake failed: %s", inst.key, exc)
-        inst.set_state("awake", reason)
+        inst.change_state(State.AWAKE, reason)
         self.events.publish("woke", model=inst.key, level=inst.sleep_level,
                             duration=round(time.monotonic() - t0, 3))
         return True
@@ -780,7 +817,7 @@ class Reconciler:
         for key, d in effective(self.config, Layers(profile=profile), now).items():
             inst = self.instances.get(key)
             t = self.traffic.get(d.model)
-            if (d.state == "awake" and inst is not None and inst.state == "awake"
+            if (d.state == State.AWAKE and inst is not None and inst.state == State.AWAKE
                     and inst.client is not None and key not in self._tasks
                     and not (t and t.inflight)):
                 asyncio.get_running_loop().create_task(self._keep_warm_one(inst, until))
@@ -811,8 +848,9 @@ class Reconciler:
             await proc.stop(grace)
         remove_record(self.runtime_dir, inst.key)
         inst.proc, inst.client, inst.port, inst.spec_hash = None, None, None, None
-        inst.failures, inst.slept_once = 0, False
-        inst.set_state("unloaded", reason)
+        inst.slept_once = False
+        inst.backoff.reset()
+        inst.change_state(State.UNLOADED, reason)
 
     # --- observation ----------------------------------------------------------------------
 
@@ -820,7 +858,7 @@ class Reconciler:
         """Trust the engines' own answers over our memory of what we asked."""
         mono = time.monotonic()
         checks = [i for i in self.instances.values()
-                  if i.state in ("awake", "asleep") and i.client and i.key not in self._tasks
+                  if i.state in RUNNING and i.client and i.key not in self._tasks
                   and not self._answered_lately(i, mono)]
         if not checks:
             return
@@ -844,12 +882,12 @@ class Reconciler:
             inst.observed_at = time.monotonic()
             if inst.key in self._tasks or inst.state_since >= asked_at:
                 return  # an action changed it while we asked: the answer is stale
-            actual = "asleep" if sleeping else "awake"
+            actual = State.ASLEEP if sleeping else State.AWAKE
             if actual != inst.state:
                 log.warning("%s: engine says %s, gpud thought %s", inst.key, actual, inst.state)
                 if sleeping:  # slept behind gpud's back: at a level gpud did not choose
                     inst.sleep_level, inst.queues_asleep = None, False
-                inst.set_state(actual, f"engine reports {actual}")
+                inst.change_state(actual, f"engine reports {actual}")
 
         await asyncio.gather(*(one(i) for i in checks))
 
@@ -872,7 +910,8 @@ class Reconciler:
             key = record.model
             model = key.split("#", 1)[0]
             replica = int(key.split("#", 1)[1]) if "#" in key else 0
-            inst = self.instances.setdefault(key, Instance(key, model, replica))
+            inst = self.instances.get(key) or self._instance(key, model, replica)
+            self.instances[key] = inst
             inst.proc, inst.port, inst.spec_hash = proc, record.port, record.spec_hash
             inst.client = VllmClient(inst.base_url or "", self.session)
             inst.started_at = record.started_at
@@ -884,9 +923,10 @@ class Reconciler:
                 sleeping = await asyncio.wait_for(inst.client.is_sleeping(), 5.0)
                 if sleeping:
                     await self._adopted_asleep(inst)
-                inst.set_state("asleep" if sleeping else "awake", "adopted after a gpud restart")
+                inst.change_state(State.ASLEEP if sleeping else State.AWAKE,
+                                  "adopted after a gpud restart")
             except (aiohttp.ClientError, TimeoutError, OSError, EngineAPIError):
-                inst.set_state("starting", "adopted; waiting for its health check")
+                inst.change_state(State.STARTING, "adopted; waiting for its health check")
                 self._tasks[key] = asyncio.create_task(self._finish_adopt(inst))
             adopted.append(key)
             self.events.publish("adopted", model=key, pid=proc.pid, port=record.port)
@@ -912,7 +952,8 @@ class Reconciler:
                 sleeping = await inst.client.is_sleeping()
                 if sleeping:
                     await self._adopted_asleep(inst)
-                inst.set_state("asleep" if sleeping else "awake", "adopted after a gpud restart")
+                inst.change_state(State.ASLEEP if sleeping else State.AWAKE,
+                                  "adopted after a gpud restart")
         finally:
             self._tasks.pop(inst.key, None)
             self.trigger()
@@ -942,9 +983,9 @@ class Reconciler:
                                          level=level)
         self.demand.pop(model, None)  # an operator's word replaces a request's
         for inst in self.instances.values():
-            if inst.model == model and inst.state == "failed" and state != "unloaded":
-                inst.set_state("unloaded", "manual retry")
-                inst.failures = 0
+            if inst.model == model and inst.state == State.FAILED and state != State.UNLOADED:
+                inst.change_state(State.UNLOADED, "manual retry")
+                inst.backoff.reset()
                 inst.spec_hash = None
         self.events.publish("override", model=model, state=state, reason=reason,
                             until=until.isoformat() if until else None)
@@ -974,7 +1015,7 @@ class Reconciler:
             t = self.traffic.get(d.model)
             idle = mono - t.last_request if t and t.last_request and not t.inflight else 0.0
             views.append(ModelView(
-                name=d.model, state=inst.state if inst else "unloaded",  # type: ignore[arg-type]
+                name=d.model, state=inst.state if inst else State.UNLOADED,
                 desired=d.state,  # type: ignore[arg-type]
                 priority=d.priority, gpus=() if d.gpu is None else (d.gpu,),
                 sleep_level=d.sleep_level, idle_seconds=idle,
@@ -1006,7 +1047,7 @@ class Reconciler:
                     name=name, aliases=tuple(m.aliases), max_concurrency=m.max_concurrency,
                     max_queue=m.max_queue, request_timeout=m.request_timeout.total_seconds(),
                     load_on_demand=m.load_on_demand,
-                    state=self.instances[name].state if name in self.instances else "unloaded",
+                    state=self.instances[name].state if name in self.instances else State.UNLOADED,
                 )
                 for name, m in self.config.models.items()
             }
@@ -1019,7 +1060,7 @@ class Reconciler:
         # A moving engine serves from its old place until the new one takes over.
         return [i for i in self.instances.values()
                 if i.model == model and i.port and (
-                    (i.state == "awake" and i.awake.is_set()) or i.state == "moving")]
+                    (i.state == State.AWAKE and i.awake.is_set()) or i.state == State.MOVING)]
 
     async def ready_upstream(self, model: str) -> str:
         ready = self._serving(model)
@@ -1045,10 +1086,10 @@ class Reconciler:
 
     def waking_upstreams(self, model: str) -> list[str]:
         insts = [i for i in self.instances.values() if i.model == model]
-        if any(i.state == "awake" and i.awake.is_set() for i in insts):
+        if any(i.state == State.AWAKE and i.awake.is_set() for i in insts):
             return []
         return [i.base_url for i in sorted(insts, key=lambda i: i.replica)
-                if i.base_url and i.state in ("asleep", "waking")]
+                if i.base_url and i.state in (State.ASLEEP, State.WAKING)]
 
     async def early_upstream(self, model: str) -> str | None:
         """The engine a request may be sent to before its wake ends: asleep (or waking) at
@@ -1063,18 +1104,18 @@ class Reconciler:
         if inst is None:
             return None
         await inst.wake_sent.wait()
-        return inst.base_url if inst.state in ("waking", "awake") else None
+        return inst.base_url if inst.state in (State.WAKING, State.AWAKE) else None
 
     def _early_candidate(self, model: str) -> Instance | None:
         insts = [i for i in self.instances.values() if i.model == model]
-        if any(i.state == "awake" and i.awake.is_set() for i in insts):
+        if any(i.state == State.AWAKE and i.awake.is_set() for i in insts):
             return None
         if self._held_down(model) is not None:
             return None
         # the engine being woken, else the one `_wake_now` wakes: the first by replica
-        inst = min([i for i in insts if i.state == "waking"] or insts,
+        inst = min([i for i in insts if i.state == State.WAKING] or insts,
                    key=lambda i: i.replica, default=None)
-        if (inst is not None and inst.state in ("asleep", "waking") and inst.queues_asleep
+        if (inst is not None and inst.state in (State.ASLEEP, State.WAKING) and inst.queues_asleep
                 and inst.sleep_level == 1 and inst.client is not None and inst.base_url):
             return inst
         return None
@@ -1082,7 +1123,7 @@ class Reconciler:
     def _held_down(self, model: str) -> Override | None:
         """The operator's override holding `model` asleep or unloaded now, if any."""
         ov = self.overrides.get(model)
-        if ov is not None and ov.state in ("asleep", "unloaded") and ov.active(self.now()):
+        if ov is not None and ov.state in (State.ASLEEP, State.UNLOADED) and ov.active(self.now()):
             return ov
         return None
 
@@ -1113,11 +1154,11 @@ class Reconciler:
         if m is None:
             raise ModelUnavailable(f"model {model!r} is not configured", code="model_not_found")
         insts = [i for i in self.instances.values() if i.model == model]
-        if any(i.state == "failed" for i in insts) and not any(
-                i.state in ("awake", "asleep", "starting", "waking") for i in insts):
-            reason = next(i.reason for i in insts if i.state == "failed")
+        if any(i.state == State.FAILED for i in insts) and not any(
+                i.state in RUNNING | {State.STARTING, State.WAKING} for i in insts):
+            reason = next(i.reason for i in insts if i.state == State.FAILED)
             raise ModelUnavailable(f"model {model!r} has failed: {reason}", retry_after=30)
-        loaded = any(i.state not in ("unloaded", "failed") for i in insts)
+        loaded = any(i.state not in (State.UNLOADED, State.FAILED) for i in insts)
         if not loaded and not m.load_on_demand:
             raise ModelUnavailable(
                 f"model {model!r} is unloaded and does not allow load_on_demand", retry_after=60,
@@ -1140,7 +1181,7 @@ class Reconciler:
                                             return_when=asyncio.FIRST_COMPLETED)
             for p in pending:
                 p.cancel()
-            failed = [i for i in insts if i.state == "failed"]
+            failed = [i for i in insts if i.state == State.FAILED]
             if failed and not self._serving(model):
                 raise ModelUnavailable(f"model {model!r} failed: {failed[0].reason}",
                                        retry_after=30)
@@ -1153,20 +1194,20 @@ class Reconciler:
         """
         insts = sorted((i for i in self.instances.values() if i.model == model),
                        key=lambda i: i.replica)
-        inst = next((i for i in insts if i.state == "asleep" and i.client is not None
+        inst = next((i for i in insts if i.state == State.ASLEEP and i.client is not None
                      and i.key not in self._tasks), None)
         if inst is None:
             return False
         desired = self.desired()
         d = desired.get(inst.key)
-        if d is None or d.state != "awake":
+        if d is None or d.state != State.AWAKE:
             return False
         action = Action("wake", inst.key, d.reason, inst.gpu)
         fitted = self._fit(Plan((action,)), desired, self.observed())
         if fitted.actions != (action,):
             return False
         inst.state_before = inst.state
-        inst.set_state("waking", d.reason)
+        inst.change_state(State.WAKING, d.reason)
         self._tasks[inst.key] = asyncio.create_task(self._run_chain(inst, [action], d))
         return True
 
@@ -1189,13 +1230,13 @@ class Reconciler:
         d = desired.get(key)
         t = self.traffic.get(inst.model, ModelTraffic())
         reason = inst.reason or (d.reason if d else "")
-        if inst.key in notes and inst.state != "awake":
+        if inst.key in notes and inst.state != State.AWAKE:
             reason = notes[inst.key]
-        elif d is not None and inst.state in ("awake", "asleep") and inst.state == d.state:
+        elif d is not None and inst.state in RUNNING and inst.state == d.state:
             reason = d.reason
         return {
             "state": inst.state,
-            "desired": d.state if d else "unloaded",
+            "desired": d.state if d else State.UNLOADED,
             "reason": reason,
             "pid": inst.proc.pid if inst.proc else None,
             "port": inst.port,

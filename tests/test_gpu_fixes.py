@@ -38,6 +38,7 @@ from gpud.engines.vllm import (
 from gpud.events import EventBus
 from gpud.plan import Plan
 from gpud.reconcile import Instance, Reconciler
+from gpud.states import State
 from gpud.web.memory import model_bytes
 
 
@@ -97,7 +98,7 @@ async def test_requests_wait_for_the_warm_sleep_and_are_released_at_once(tmp_pat
     r = reconciler(tmp_path)
     r.pass_once = lambda: Plan(())  # type: ignore[method-assign]  # no engines to plan for here
     inst = r.instances["chat"] = Instance("chat", "chat", port=18555)
-    inst.set_state("awake", "test")
+    inst.change_state(State.AWAKE, "test")
     engine = SlowEngine(0.15)
     inst.client = engine  # type: ignore[assignment]
     warm = asyncio.create_task(r._warm_sleep(inst))
@@ -117,7 +118,7 @@ async def test_requests_wait_for_the_warm_sleep_and_are_released_at_once(tmp_pat
 async def test_a_failing_warm_sleep_does_not_fail_the_load(tmp_path: Path) -> None:
     r = reconciler(tmp_path)
     inst = r.instances["chat"] = Instance("chat", "chat", port=18555)
-    inst.set_state("awake", "test")
+    inst.change_state(State.AWAKE, "test")
     inst.client = SlowEngine(0.0, fail=True)  # type: ignore[assignment]
     await r._warm_sleep(inst)  # raised EngineAPIError out of _load before
     assert inst.state == "awake" and inst.awake.is_set() and not inst.slept_once
@@ -243,8 +244,8 @@ async def test_keep_warm_pulses_one_token_requests_up_to_the_boundary() -> None:
 def _awake_reconciler(tmp_path: Path, url: str, http: aiohttp.ClientSession) -> tuple[
         Reconciler, Instance]:
     r = reconciler(tmp_path)
-    inst = r.instances["chat"] = Instance("chat", "chat", port=18555)
-    inst.set_state("waking", "test")
+    inst = r.instances["chat"] = Instance("chat", "chat", port=18555, state=State.ASLEEP)
+    inst.change_state(State.WAKING, "test")
     inst.client = VllmClient(url, http)
     return r, inst
 
@@ -310,13 +311,13 @@ async def test_early_upstream_answers_once_the_engine_was_sent_its_wake(tmp_path
     r = reconciler(tmp_path)
     try:
         inst = r.instances["chat"] = Instance("chat", "chat", port=server.port)
-        inst.set_state("asleep", "test")
+        inst.change_state(State.ASLEEP, "test")
         inst.client = VllmClient(str(server.make_url("")).rstrip("/"), r.session)
         inst.sleep_level, inst.queues_asleep = 1, True
         early = asyncio.create_task(r.early_upstream("chat"))
         await asyncio.sleep(0.05)
         assert not early.done(), "no wake was sent yet"
-        inst.set_state("waking", "woken by a request")
+        inst.change_state(State.WAKING, "woken by a request")
         wake = asyncio.create_task(r._wake(inst, "woken by a request"))
         await asyncio.wait_for(fake.woken.wait(), 2)
         assert await asyncio.wait_for(early, 2) == inst.base_url
@@ -324,7 +325,7 @@ async def test_early_upstream_answers_once_the_engine_was_sent_its_wake(tmp_path
         fake.release_wake.set()
         assert await asyncio.wait_for(wake, 2)
         assert inst.state == "awake" and await r.early_upstream("chat") is None  # it serves
-        inst.set_state("asleep", "test")
+        inst.change_state(State.ASLEEP, "test")
         assert not inst.wake_sent.is_set()  # the next wake must be sent again
         inst.sleep_level = 2  # vLLM resumes scheduling before reload_weights: never early
         assert await r.early_upstream("chat") is None

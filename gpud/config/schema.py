@@ -14,8 +14,9 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from gpud.config.units import Duration, Size
+from gpud.states import DesiredState
 
-ModelState = Literal["awake", "asleep", "unloaded"]
+ModelState = DesiredState
 MODEL_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 
 

@@ -2,7 +2,7 @@
 
 Pure bookkeeping on times the caller passes in (time.monotonic() in the daemon, plain
 numbers in tests); it must never sleep, read a clock or touch a process. One instance per
-model, owned by the reconciler.
+engine instance, owned by the reconciler: the only place gpud computes a backoff.
 """
 
 from __future__ import annotations
@@ -56,6 +56,12 @@ class RestartPolicy:
         self.consecutive += 1
         self.restarts += 1
         return delay
+
+    def succeeded(self) -> None:
+        """The engine became healthy: the next crash starts the backoff over (supervisor's
+        "started" after startsecs; gpud's health check is that proof)."""
+        self.consecutive = 0
+        self.started_at = None
 
     def reset(self) -> None:
         """Forget the crashes (not the restart total): the next crash waits `initial`."""

@@ -34,6 +34,8 @@ import heapq
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
+from gpud.states import ACTIVE, State
+
 MiB = 1024 * 1024
 # The CUDA driver's VMM granularity on current NVIDIA GPUs; pages are multiples of it.
 DRIVER_GRANULARITY = 2 * MiB
@@ -55,9 +57,9 @@ class Activity(enum.Enum):
 def activity_of(state: str, inflight: int, quiet_s: float | None, idle_after: float) -> Activity:
     """A model's activity for the ledger, from what the reconciler sees: asleep (or not
     running) engines hold dead KV; an awake one with no request for ``idle_after`` s is idle."""
-    if state not in ("awake", "moving", "waking", "starting"):
+    if state not in ACTIVE:
         return Activity.ASLEEP
-    if inflight or state != "awake" or quiet_s is None or quiet_s < idle_after:
+    if inflight or state != State.AWAKE or quiet_s is None or quiet_s < idle_after:
         return Activity.AWAKE
     return Activity.IDLE
 

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import ClassVar, Literal
+from typing import ClassVar
+
+from gpud.states import DesiredState, State
 
 __all__ = [
     "GpuView",
@@ -36,8 +38,7 @@ __all__ = [
     "Wake",
 ]
 
-ModelState = Literal["unloaded", "starting", "awake", "asleep", "stopping", "failed", "draining"]
-DesiredState = Literal["awake", "asleep", "unloaded"]
+ModelState = State  # a str: `m.state == "awake"` holds
 
 
 @dataclass(frozen=True)

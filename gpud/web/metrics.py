@@ -21,6 +21,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.registry import Collector
 
+from gpud.states import State
 from gpud.web.memory import engines_of, measure
 
 if TYPE_CHECKING:
@@ -29,8 +30,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("gpud.web.metrics")
 
 # Every state an instance can be in; gpud_model_state has one series per state (0 or 1).
-MODEL_STATES = ("unloaded", "starting", "awake", "sleeping", "asleep", "waking", "stopping",
-                "draining", "failed")
+MODEL_STATES = tuple(s.value for s in State)
 
 REQUEST_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)

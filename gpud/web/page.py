@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import html
+import json
 import socket
 from collections.abc import Iterable
 from datetime import datetime, time, timedelta, tzinfo
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from gpud import __version__
+from gpud.states import TRANSITIONAL, State, ordered
 from gpud.web.memory import model_bytes
 
 if TYPE_CHECKING:
@@ -36,13 +38,17 @@ TEMPLATES = HERE / "templates"
 # Colours for models (memory bars, table dots) and profiles (timeline), in this order.
 PALETTE = ("#4e79a7", "#f28e2b", "#59a14f", "#b07aa1", "#76b7b2", "#edc948", "#e15759",
            "#9c755f", "#ff9da7", "#86bcb6")
-TRANSITIONAL = ("starting", "waking", "sleeping", "stopping", "draining")
 # Which buttons make sense in which state (the API accepts every verb in every state).
-ACTIONS = {
-    "awake": ("sleep", "unload"),
-    "asleep": ("wake", "unload"),
-    "unloaded": ("load",),
-    "failed": ("load", "unload"),
+ACTIONS: dict[str, tuple[str, ...]] = {
+    State.AWAKE: ("sleep", "unload"),
+    State.ASLEEP: ("wake", "unload"),
+    State.UNLOADED: ("load",),
+    State.FAILED: ("load", "unload"),
+}
+# page.js takes both from the page (data- attributes), so the enum is their one source.
+STATE_ATTRS = {
+    "transitional": " ".join(ordered(TRANSITIONAL)),
+    "actions": json.dumps({str(k): list(v) for k, v in ACTIONS.items()}),
 }
 LOG_LINES = 200
 EVENTS_SHOWN = 30
@@ -425,6 +431,8 @@ class Page:
             version=esc(__version__),
             asset=self.version,
             admin="1" if admin else "0",
+            transitional=esc(STATE_ATTRS["transitional"]),
+            actions=esc(STATE_ATTRS["actions"]),
             seq=esc(events[-1]["seq"] if events else 0),
             revision=esc(cfg["revision"]),
             config_state="valid" if cfg["valid"] else "invalid",

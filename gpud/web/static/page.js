@@ -6,12 +6,12 @@
 
   const PALETTE = ["#4e79a7", "#f28e2b", "#59a14f", "#b07aa1", "#76b7b2", "#edc948", "#e15759",
     "#9c755f", "#ff9da7", "#86bcb6"];
-  const TRANSITIONAL = ["starting", "waking", "sleeping", "stopping", "draining"];
-  const ACTIONS = { awake: ["sleep", "unload"], asleep: ["wake", "unload"], unloaded: ["load"],
-    failed: ["load", "unload"] };
   const LOG_LINES = 300;
 
   const body = document.body;
+  // The state lists come from the server (gpud/states.py is their one source).
+  const TRANSITIONAL = (body.dataset.transitional || "").split(" ").filter(Boolean);
+  const ACTIONS = JSON.parse(body.dataset.actions || "{}");
   const admin = body.dataset.admin === "1";
   let lastSeq = Number(body.dataset.seq || 0);
   let logModel = null;
