@@ -249,6 +249,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     cfg = data["config"]
     valid = "valid" if cfg["valid"] else f"INVALID: {cfg['error']}"
+    if cfg.get("fallback"):
+        valid = f"LAST GOOD (the file is invalid): {cfg['error']}"
     print(f"gpud {data['daemon']['version']} pid {data['daemon']['pid']} · "
           f"profile {data.get('profile') or '(none)'} · config {cfg['revision']} {valid}")
     rows = [("MODEL", "STATE", "DESIRED", "GPU", "MEMORY", "IN-FLIGHT", "REASON")]

@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import shutil
 import signal
 import sys
 import time
@@ -20,7 +19,7 @@ from typing import Any
 
 from aiohttp import web
 
-from gpud import __version__
+from gpud import __version__, dirlock, lastgood
 from gpud.config import EMBEDDED_DEFAULT, ConfigError, LoadedConfig, load_config
 from gpud.config.load import DEFAULT_PATH
 from gpud.events import EventBus
@@ -31,7 +30,6 @@ from gpud.web.memory import memory_status, model_bytes
 
 log = logging.getLogger("gpud.daemon")
 
-LAST_GOOD = "last-good"
 # Just before a boundary, pre-woken models get small requests up to the boundary: on the H100
 # the first request after ~30 s of quiet is 1.2-1.5x slower even on an engine that never slept.
 KEEP_WARM_BEFORE = timedelta(seconds=1.5)
@@ -55,10 +53,12 @@ class Daemon:
         self.config_path = config_path
         self.loaded = loaded
         self.config_error: str | None = None
+        # Why gpud runs on the last good copy (the file was invalid at start-up), until a
+        # valid file loads.
+        self.fallback: str | None = None
         self.started_at = datetime.now(UTC)
         cfg = loaded.config
-        home = Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local/state"))
-        self.state_dir = _writable_dir(cfg.daemon.state_dir, home / "gpud")
+        self.state_dir = _writable_dir(cfg.daemon.state_dir, lastgood.state_fallback())
         runtime = Path(os.environ.get("XDG_RUNTIME_DIR", "/tmp")) / f"gpud-{os.getuid()}"
         self.runtime_dir = _writable_dir(cfg.daemon.runtime_dir, runtime)
         self.events = EventBus()
@@ -120,15 +120,7 @@ class Daemon:
             return None
 
     def save_last_good(self) -> None:
-        dest = self.state_dir / LAST_GOOD
-        tmp = self.state_dir / (LAST_GOOD + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        for i, src in enumerate(self.loaded.sources):
-            (tmp / f"{i:02d}-{src.path.name}").write_text(src.text)
-        (tmp / "SOURCE").write_text(str(self.loaded.path) + "\n")
-        shutil.rmtree(dest, ignore_errors=True)
-        tmp.rename(dest)
+        lastgood.save(self.state_dir, self.loaded)
 
     async def reload(self, source: str) -> dict[str, Any]:
         """Validate, then swap. An invalid file changes nothing but the reported error."""
@@ -148,6 +140,9 @@ class Daemon:
                     return {"valid": False, "changed": False, "revision": self.loaded.revision,
                             "error": self.config_error}
                 self.config_error = None
+                if self.fallback is not None:
+                    self.fallback = None
+                    log.info("the file is valid again (revision %s)", new.revision)
                 if new.revision == self.loaded.revision:
                     return {"valid": True, "changed": False, "revision": new.revision,
                             "error": None}
@@ -194,7 +189,9 @@ class Daemon:
         moving = {k: i.state.value for k, i in models.items() if i.state in TRANSITIONAL}
         profile, _ = r.active_profile(r.now())
         line = status_line(profile, ready, len(models), moving, self.loaded.revision)
-        if self.config_error:
+        if self.fallback:
+            line += " · file invalid, on the last good config"
+        elif self.config_error:
             line += " · last reload refused"
         if line != self._status_line:
             self._status_line = line
@@ -203,7 +200,7 @@ class Daemon:
     def config_status(self) -> dict[str, Any]:
         return {"path": str(self.loaded.path), "revision": self.loaded.revision,
                 "valid": self.config_error is None, "error": self.config_error,
-                "embedded": self.loaded.embedded}
+                "embedded": self.loaded.embedded, "fallback": self.fallback}
 
     def profile_status(self) -> dict[str, Any]:
         r = self.reconciler
@@ -568,17 +565,23 @@ def _test_clock_offset() -> timedelta:
     return start - datetime.now(UTC)
 
 
-def load_initial(path: Path | None) -> LoadedConfig:
-    """The config to start with: the file, else (when invalid) the last good copy."""
+def load_initial(path: Path | None) -> tuple[LoadedConfig, str | None]:
+    """The config to start with: the file, else (when invalid) the last good copy, with
+    the sentence saying why; exits with the located errors when there is no copy."""
     try:
         loaded = load_config(path)
     except ConfigError as exc:
-        print(f"gpud: the config is invalid:\n{exc}", file=sys.stderr)
-        raise SystemExit(1) from None
+        found = lastgood.load_for(path or DEFAULT_PATH, exc)
+        if found is None:
+            print(f"gpud: the config is invalid (and no last good copy of it):\n{exc}",
+                  file=sys.stderr)
+            raise SystemExit(1) from None
+        log.warning("%s", found[1])
+        return found
     if loaded.embedded:
         log.warning("no %s: running on the embedded default (%s); no models are configured",
                     DEFAULT_PATH, EMBEDDED_DEFAULT)
-    return loaded
+    return loaded, None
 
 
 def run_daemon(path: Path | None, *, stop_engines_on_exit: bool | None = None) -> int:
@@ -588,12 +591,18 @@ def run_daemon(path: Path | None, *, stop_engines_on_exit: bool | None = None) -
 
     faulthandler.enable()  # a watchdog SIGABRT prints the stuck stack to the journal
     setup_logging(os.environ.get("GPUD_LOG_LEVEL", "info").upper())
-    loaded = load_initial(path)
+    loaded, fallback = load_initial(path)
     logging.getLogger().setLevel(loaded.config.daemon.log_level.upper())
 
     async def main() -> int:
         daemon = Daemon(loaded, path, stop_engines_on_exit=stop_engines_on_exit)
-        return await daemon.serve()
+        daemon.fallback = daemon.config_error = fallback
+        try:
+            with dirlock.hold(daemon.state_dir, daemon.runtime_dir):
+                return await daemon.serve()
+        except dirlock.DirLocked as exc:
+            log.error("not starting: %s", exc)
+            return 1
 
     t0 = time.monotonic()
     code = asyncio.run(main())

@@ -420,9 +420,11 @@ class Page:
         status = await _status(d)
         admin = _is_admin(request)
         cfg = status["config"]
+        what = ("The file is invalid" if cfg.get("fallback") else
+                "The last reload was refused")
         problem = "" if cfg["valid"] else (
-            '<section class="banner"><strong>The last reload was refused</strong>; gpud still '
-            f'runs revision {esc(cfg["revision"])}.<pre>{esc(cfg["error"])}</pre></section>')
+            f'<section class="banner"><strong>{what}</strong>; gpud runs the last good '
+            f'revision {esc(cfg["revision"])}.<pre>{esc(cfg["error"])}</pre></section>')
         events = d.events.history(EVENTS_SHOWN)
         selected = request.query.get("log")
         body = self.template.substitute(
