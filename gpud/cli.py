@@ -66,109 +66,126 @@ def _parse_observed(text: str | None, desired: dict[str, Any]) -> dict[str, Any]
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    if args.file is None and not args.observed and not args.at and not args.gpus:
-        data = _api("GET", "/api/v1/plan", args)
-        _print_plan(data, args.json)
+    local = (args.file, args.observed, args.at, args.gpus, args.override, args.intent)
+    if not any(local):
+        _print_plan(_api("GET", "/api/v1/plan", args), args.json)
         return 0
-    from gpud.desired import Layers, effective
-    from gpud.plan import plan
+    from gpud.decide import decide
+    from gpud.desired import LayerInputs
+    from gpud.schedule import parse_at, schedule_of
 
     loaded = _load_or_exit(_config_path(args.file))
     cfg = loaded.config
     zone = zone_of(cfg)
-    now = datetime.fromisoformat(args.at) if args.at else datetime.now(zone)
-    if now.tzinfo is None:
-        print("--at needs an offset, e.g. 2026-03-29T07:59:00+02:00", file=sys.stderr)
-        return 2
-    now = now.astimezone(zone)
-    profile, boundary = None, None
-    if cfg.schedule:
-        from gpud.schedule import Schedule, ScheduleEntry
-
-        sched = Schedule([ScheduleEntry(e.profile, e.when, e.prewake, e.priority)
-                          for e in cfg.schedule], zone)
-        profile = sched.active_profile(now)
-        boundary = sched.next_boundary(now)
-    desired = effective(cfg, Layers(profile=profile), now)
     try:
-        observed = _parse_observed(args.observed, desired)
+        now = parse_at(args.at, datetime.now(zone)) if args.at else datetime.now(zone)
+        inputs = LayerInputs(overrides=_plan_overrides(cfg, args.override),
+                             intents=_plan_intents(cfg, args.intent))
+        memory = _plan_memory(cfg, args.gpus) if args.gpus else None
+    except ValueError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    schedule = schedule_of(cfg.schedule, zone)
+    base = decide(cfg, schedule, inputs, {}, now, 0.0)  # the desired state names the specs
+    try:
+        observed = _parse_observed(args.observed, dict(base.desired))
     except (ValueError, OSError, AttributeError) as exc:
         print(f"--observed: not a JSON object of MODEL: STATE ({exc})", file=sys.stderr)
         return 2
-    result = plan(desired, observed)
-    blocked: dict[str, str] = {}
-    notes: dict[str, str] = {}
-    if args.gpus:
-        try:
-            fitted = _fit_file(cfg, result, desired, observed, args.gpus)
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            print(f"--gpus: expected {{\"0\": {{\"total\": \"80GiB\", \"free\": \"60GiB\"}}}} "
-                  f"({exc})", file=sys.stderr)
-            return 2
-        result = type(result)(fitted.actions, result.waiting)
-        blocked, notes = fitted.blocked, fitted.notes
-    out: dict[str, Any] = {
-        "profile": profile,
-        "desired": {k: d.state for k, d in desired.items()},
-        "reasons": {k: d.reason for k, d in desired.items()},
-        "actions": [a.to_json() for a in result.actions],
-    }
-    if args.gpus:
-        out["blocked"], out["notes"] = blocked, notes
-    if cfg.schedule:
-        out["at"] = now.isoformat()
-        out["next_boundary"] = (
-            {"at": boundary.at.isoformat(), "profile": boundary.profile} if boundary else None
-        )
-    _print_plan(out, args.json)
+    decision = decide(cfg, schedule, inputs, observed, now, 0.0, memory)
+    _print_plan(decision.to_json(), args.json)
     return 0
 
 
-def _fit_file(cfg: Any, result: Any, desired: Any, observed: Any, text: str) -> Any:
-    """Fit checks for `gpud plan --file`: GPU memory given as JSON, footprints estimated."""
-    from gpud.config.units import parse_size
-    from gpud.fit import GpuMemory, fit, footprint_for, locate_model_dir
+PLAN_VERBS = {"asleep": "sleep", "awake": "wake", "unloaded": "unload"}
 
-    raw = json.loads(text)
-    gpus = {}
-    for index, g in raw.items():
-        total = parse_size(g["total"])
-        free = parse_size(g.get("free", g["total"]))
-        gpus[int(index)] = GpuMemory(total, total - free, free)
-    fps = {}
-    for key, d in desired.items():
-        if d.gpu is None:
-            continue
-        m = cfg.models[d.model]
-        fp = footprint_for(m, locate_model_dir(m.source),
-                           gpus[d.gpu].total if d.gpu in gpus else None)
-        if fp is not None:
-            fps[key] = fp
-    busy = {k for k, o in observed.items() if o.busy}
-    return fit(result, desired, observed, gpus, fps, cfg.daemon.gpu_headroom, busy)
+
+def _plan_pairs(cfg: Any, items: list[str] | None, flag: str) -> dict[str, str]:
+    out = {}
+    for item in items or []:
+        model, sep, state = item.partition("=")
+        if not sep or state not in PLAN_VERBS:
+            raise ValueError(f"{flag} {item!r}: expected MODEL=awake|asleep|unloaded")
+        if model not in cfg.models:
+            known = ", ".join(cfg.models) or "none"
+            raise ValueError(f"{flag} {item!r}: no model {model!r} (known: {known})")
+        out[model] = state
+    return out
+
+
+def _plan_overrides(cfg: Any, items: list[str] | None) -> dict[str, Any]:
+    """`--override chat=asleep`: as if an operator ran `gpud sleep chat` (the API's words)."""
+    from gpud.desired import Override
+
+    return {m: Override(state=st, reason=f"{PLAN_VERBS[st]} by an operator")
+            for m, st in _plan_pairs(cfg, items, "--override").items()}
+
+
+def _plan_intents(cfg: Any, items: list[str] | None) -> dict[str, Any]:
+    """`--intent chat=awake`: as if a policy named `--intent` asked for it."""
+    from gpud.desired import Intent
+
+    return {m: Intent(st, "asked in the dry run", policy="--intent")
+            for m, st in _plan_pairs(cfg, items, "--intent").items()}
+
+
+def _plan_memory(cfg: Any, text: str) -> Any:
+    """`--gpus`: GPU memory given as JSON; footprints estimated as the daemon does."""
+    from gpud.config.units import parse_size
+    from gpud.decide import Memory
+    from gpud.fit import GpuMemory, estimate_for
+
+    try:
+        gpus = {}
+        for index, g in json.loads(text).items():
+            total = parse_size(g["total"])
+            free = parse_size(g.get("free", g["total"]))
+            gpus[int(index)] = GpuMemory(total, total - free, free)
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"--gpus: expected {{\"0\": {{\"total\": \"80GiB\", \"free\": "
+                         f"\"60GiB\"}}}} ({exc})") from None
+
+    def footprints(desired: Any) -> dict[str, Any]:
+        fps = {}
+        for key, d in desired.items():
+            if d.gpu is not None:
+                fp = estimate_for(cfg, d.model, gpus[d.gpu].total if d.gpu in gpus else None)
+                if fp is not None:
+                    fps[key] = fp
+        return fps
+
+    return Memory(gpus, footprints)
 
 
 def _print_plan(data: dict[str, Any], as_json: bool) -> None:
     if as_json:
         print(json.dumps(data, indent=2))
         return
-    if "at" in data:
-        print(f"at {data['at']}: profile {data['profile'] or '(none)'}")
-        nb = data.get("next_boundary")
-        if nb:
-            print(f"next switch: {nb['at']} -> profile {nb['profile'] or '(none)'}")
-    elif data.get("profile"):
-        print(f"profile {data['profile']}")
+    from gpud.decide import FIT_NOT_CHECKED
+
+    print(f"at {data.get('at', '?')}: profile {data.get('profile') or '(none)'}"
+          + (f" ({data['profile_source']})" if data.get("profile_source") not in
+             (None, "schedule", "no schedule") else ""))
+    nb = data.get("next_boundary")
+    if nb:
+        pre = nb.get("prewake_seconds") or 0
+        print(f"next switch: {nb['at']} -> profile {nb['profile'] or '(none)'}"
+              + (f" (pre-wake {pre:g}s before)" if pre else ""))
     reasons = data.get("reasons", {})
     for model, state in data.get("desired", {}).items():
-        why = reasons.get(model, "")
-        print(f"  {model:<20} {state:<9} {why}")
+        print(f"  {model:<20} {state:<9} {reasons.get(model, '')}")
+    for model, why in sorted(data.get("prewake", {}).items()):
+        print(f"  pre-wake: {model}: {why}")
     if not data["actions"]:
         print("nothing to do")
     for i, a in enumerate(data["actions"], 1):
         print(f"{i:>3}. {a['action']:<8} {a['model']:<20} {a['reason']}")
     for model, why in sorted(data.get("blocked", {}).items()):
         print(f"  does not fit: {model}: {why}")
+    for model, why in sorted(data.get("notes", {}).items()):
+        print(f"  fit: {model}: {why}")
+    if data.get("fit_checked") is False:
+        print(f"  {FIT_NOT_CHECKED}")
 
 
 # --- talking to the daemon ---------------------------------------------------------------
@@ -380,7 +397,12 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("plan", help="what the daemon would do (dry run)")
     s.add_argument("--file", help="plan from this file without a daemon")
     s.add_argument("--observed", help="observed state as JSON (or @FILE): {MODEL: STATE, ...}")
-    s.add_argument("--at", help="evaluate the schedule at this ISO 8601 instant with offset")
+    s.add_argument("--at", help="plan for this instant on the schedule's clock: 10:00, "
+                   "tomorrow 07:55, fri 19:30, or ISO 8601 (with or without an offset)")
+    s.add_argument("--override", action="append", metavar="MODEL=STATE",
+                   help="as if an operator set MODEL awake|asleep|unloaded (repeatable)")
+    s.add_argument("--intent", action="append", metavar="MODEL=STATE",
+                   help="as if a policy asked for MODEL awake|asleep|unloaded (repeatable)")
     s.add_argument("--gpus", help='check fit against GPU memory: {"0": {"total": "80GiB", '
                    '"free": "60GiB"}}')
     s.add_argument("--json", action="store_true")

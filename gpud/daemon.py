@@ -207,11 +207,11 @@ class Daemon:
         now = r.now()
         profile, why = r.active_profile(now)
         forced = None
-        if r.forced_profile is not None:
-            name, until, reason = r.forced_profile
-            forced = {"profile": name, "until": until.isoformat() if until else None,
-                      "reason": reason}
-        nb = r.next_boundary(now) if r.forced_profile is None else None
+        fp = r.forced_profile
+        if fp is not None and fp.active(now):
+            forced = {"profile": fp.name, "until": fp.until.isoformat() if fp.until else None,
+                      "reason": fp.reason}
+        nb = r.next_boundary(now) if forced is None else None
         return {"profile": profile, "source": why, "forced": forced,
                 "next_boundary": {"at": nb.at.isoformat(), "profile": nb.profile,
                                   "prewake_seconds": nb.prewake.total_seconds()} if nb else None,
@@ -251,20 +251,7 @@ class Daemon:
         return out
 
     def plan_json(self) -> dict[str, Any]:
-        r = self.reconciler
-        now = r.now()
-        from gpud.plan import plan
-
-        desired = r.desired(now)
-        observed = r.observed()
-        result = plan(desired, observed)
-        fitted = r._fit(result, desired, observed)
-        profile, _ = r.active_profile(now)
-        return {"profile": profile, "desired": {k: d.state for k, d in desired.items()},
-                "reasons": {k: d.reason for k, d in desired.items()},
-                "actions": [a.to_json() for a in fitted.actions],
-                "blocked": dict(fitted.blocked), "notes": dict(fitted.notes),
-                "waiting": dict(result.waiting)}
+        return self.reconciler.decide().to_json()
 
     def config_json(self) -> dict[str, Any]:
         r = self.reconciler

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from gpud.config.schema import ModelConfig
+from gpud.config.schema import GpudConfig, ModelConfig
 from gpud.desired import DesiredModel
 from gpud.plan import FREES, ORDER, Action, ObservedModel, Plan
 from gpud.states import RUNNING, TRANSITIONAL
@@ -202,9 +202,7 @@ def locate_model_dir(source: str, hub_cache: Path | None = None) -> Path | None:
     if source.count("/") != 1 or source.startswith(("/", ".", "~")):
         return None
     if hub_cache is None:
-        env = os.environ.get("HF_HUB_CACHE")
-        home = Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface")
-        hub_cache = Path(env) if env else home / "hub"
+        hub_cache = hub_cache_of(os.environ)
     repo = hub_cache / ("models--" + source.replace("/", "--"))
     with contextlib.suppress(OSError):
         ref = (repo / "refs" / "main").read_text().strip()
@@ -212,6 +210,23 @@ def locate_model_dir(source: str, hub_cache: Path | None = None) -> Path | None:
             return repo / "snapshots" / ref
     snaps = sorted(repo.glob("snapshots/*/config.json"), key=lambda p: p.stat().st_mtime)
     return snaps[-1].parent if snaps else None
+
+
+def hub_cache_of(env: Mapping[str, str]) -> Path:
+    """The Hugging Face hub cache a process with this environment uses."""
+    if env.get("HF_HUB_CACHE"):
+        return Path(env["HF_HUB_CACHE"])
+    home = Path(env.get("HF_HOME") or Path.home() / ".cache" / "huggingface")
+    return home / "hub"
+
+
+def estimate_for(cfg: GpudConfig, model: str, gpu_total: int | None,
+                 environ: Mapping[str, str] | None = None) -> Footprint | None:
+    """The estimate the daemon and `gpud plan` share: the model's config.json found where its
+    engine looks (the engine's and the model's env over gpud's: HF_HOME, HF_HUB_CACHE)."""
+    m = cfg.models[model]
+    env = {**(os.environ if environ is None else environ), **cfg.engines[m.engine].env, **m.env}
+    return footprint_for(m, locate_model_dir(m.source, hub_cache_of(env)), gpu_total)
 
 
 def footprint_for(m: ModelConfig, model_dir: Path | None,

@@ -16,7 +16,7 @@ import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,21 @@ import aiohttp
 
 from gpud.config import LoadedConfig, zone_of
 from gpud.config.units import format_duration
-from gpud.desired import DesiredModel, Intent, Layers, Override, effective
+from gpud.decide import Decision, Memory, decide
+from gpud.desired import (
+    Composed,
+    DesiredModel,
+    ForcedProfile,
+    Intent,
+    LayerInputs,
+    Layers,
+    Override,
+    active_profile,
+    compose,
+    demand_holds,
+    effective,
+    quiet_for,
+)
 from gpud.engines.process import (
     EngineError,
     EngineExited,
@@ -48,15 +62,14 @@ from gpud.fit import (
     Footprint,
     FootprintStore,
     GpuMemory,
+    estimate_for,
     fit,
-    footprint_for,
-    locate_model_dir,
     measured_footprint,
 )
-from gpud.plan import Action, ObservedModel, Plan, plan
+from gpud.plan import Action, ObservedModel, Plan
 from gpud.proxy.api import ModelRoute, ModelUnavailable
 from gpud.proxy.singleflight import SingleFlight
-from gpud.schedule import Boundary, Schedule, ScheduleEntry
+from gpud.schedule import Boundary, Schedule, schedule_of
 from gpud.states import RUNNING, IllegalTransition, State, legal
 
 log = logging.getLogger("gpud.reconcile")
@@ -158,7 +171,7 @@ class Reconciler:
         self.log_dir = state_dir / "logs"
         self.instances: dict[str, Instance] = {}
         self.overrides: dict[str, Override] = {}
-        self.forced_profile: tuple[str, datetime | None, str] | None = None
+        self.forced_profile: ForcedProfile | None = None
         self.intents: dict[str, Intent] = {}
         self.demand: dict[str, float] = {}
         self.traffic: dict[str, ModelTraffic] = {}
@@ -172,6 +185,7 @@ class Reconciler:
         self.fit_notes: dict[str, str] = {}
         self.pass_count = 0
         self.last_plan: Plan = Plan()
+        self.last_decision: Decision | None = None
         self.stalled = False  # set by tests/admin to prove the watchdog watches the loop
         self._clock = clock or (lambda: datetime.now(zone_of(self.loaded.config)))
         self._trigger = asyncio.Event()
@@ -195,13 +209,7 @@ class Reconciler:
 
     def _apply_config(self, loaded: LoadedConfig) -> None:
         self.loaded = loaded
-        cfg = loaded.config
-        self.schedule = None
-        if cfg.schedule:
-            self.schedule = Schedule(
-                [ScheduleEntry(e.profile, e.when, e.prewake, e.priority) for e in cfg.schedule],
-                zone_of(cfg),
-            )
+        self.schedule = schedule_of(loaded.config.schedule, zone_of(loaded.config))
         self._routes_key = None
 
     def set_config(self, loaded: LoadedConfig) -> None:
@@ -215,90 +223,60 @@ class Reconciler:
     def now(self) -> datetime:
         return self._clock()
 
-    # --- the layers -----------------------------------------------------------------------
+    # --- the layers (pure: gpud.desired.compose; expiry happens in the loop) --------------
+
+    def layer_inputs(self, mono: float | None = None) -> LayerInputs:
+        mono = time.monotonic() if mono is None else mono
+        wall = time.time()
+        awake_since = {i.model: mono - (wall - i.state_since) for i in self.instances.values()
+                       if i.replica == 0 and i.state == State.AWAKE}
+        return LayerInputs(forced=self.forced_profile, intents=dict(self.intents),
+                           overrides=dict(self.overrides), demand=dict(self.demand),
+                           traffic=dict(self.traffic), awake_since=awake_since)
+
+    def composed(self, now: datetime | None = None) -> Composed:
+        return compose(self.config, self.schedule, self.layer_inputs(), now or self.now(),
+                       time.monotonic())
 
     def active_profile(self, now: datetime) -> tuple[str | None, str]:
         """The profile in force and why (forced by an operator, or the schedule)."""
-        if self.forced_profile is not None:
-            name, until, reason = self.forced_profile
-            if until is None or now < until:
-                return name, reason
-            self.forced_profile = None
-            self.events.publish("profile", profile=None, reason="forced profile expired")
-        if self.schedule is None:
-            return None, "no schedule"
-        return self.schedule.active_profile(now), "schedule"
+        return active_profile(self.schedule, self.forced_profile, now)
 
     def next_boundary(self, now: datetime) -> Boundary | None:
         return self.schedule.next_boundary(now) if self.schedule else None
 
-    def layers(self, now: datetime) -> tuple[Layers, dict[str, str]]:
-        """The layers above the file, and notes for status (pre-wake, idle)."""
-        profile, _ = self.active_profile(now)
-        cfg = self.config
-        notes: dict[str, str] = {}
-        intents: dict[str, Intent] = {}
-        mono = time.monotonic()
-        base = effective(cfg, Layers(profile=profile), now)
-        # Idle sleep: a model awake by file or profile sleeps after idle_sleep_after.
-        for name, m in cfg.models.items():
-            t = self.traffic.get(name)
-            if m.idle_sleep_after is None or (t and t.inflight):
-                continue
-            idle = self.quiet_for(name, mono)
-            if idle is not None and idle >= m.idle_sleep_after.total_seconds():
-                d = base.get(name)
-                if d and d.state == State.AWAKE:
-                    idle_for = format_duration(m.idle_sleep_after)
-                    intents[name] = Intent(State.ASLEEP, f"idle for {idle_for}")
-        # Pre-wake: models the coming profile wants awake wake `prewake` before the boundary.
-        boundary = self.next_boundary(now) if self.forced_profile is None else None
-        if boundary and boundary.prewake and now >= boundary.at - boundary.prewake:
-            coming = effective(cfg, Layers(profile=boundary.profile), now)
-            at = boundary.at.strftime("%H:%M")
-            for key, d in coming.items():
-                cur = base.get(key)
-                if d.state == State.AWAKE and cur and cur.state == State.ASLEEP:
-                    intents[d.model] = Intent(
-                        State.AWAKE, f"pre-waking for profile {boundary.profile} at {at}")
-                    notes[d.model] = intents[d.model].reason
-        intents.update(self.intents)
-        # Demand: a request woke the model; it stays awake until idle again.
-        for name, since in list(self.demand.items()):
-            m = cfg.models.get(name)
-            if m is None:
-                del self.demand[name]
-                continue
-            t = self.traffic.get(name)
-            ttl = (m.idle_sleep_after or timedelta(minutes=10)).total_seconds()
-            last = max(since, t.last_request if t else 0.0)
-            if (t and t.inflight) or mono - last < ttl:
-                intents[name] = Intent(State.AWAKE, "woken by a request")
-            else:
-                del self.demand[name]
-        overrides = {k: v for k, v in self.overrides.items() if v.active(now)}
-        for k in set(self.overrides) - set(overrides):
-            del self.overrides[k]
-            self.events.publish("override", model=k, reason="override expired")
-        return Layers(profile=profile, intents=intents, overrides=overrides), notes
+    def layers(self, now: datetime) -> tuple[Layers, Mapping[str, str]]:
+        """The layers above the file, and notes for status (pre-wake)."""
+        c = self.composed(now)
+        return c.layers, c.notes
 
     def quiet_for(self, model: str, mono: float) -> float | None:
-        """Seconds since the model's last request or since it woke, whichever is later
-        (None: neither happened)."""
-        t = self.traffic.get(model)
-        last = max(t.last_request if t else 0.0, self._awake_since(model))
-        return mono - last if last else None
-
-    def _awake_since(self, model: str) -> float:
-        inst = self.instances.get(model)
-        if inst is None or inst.state != State.AWAKE:
-            return 0.0
-        return time.monotonic() - (time.time() - inst.state_since)
+        return quiet_for(self.layer_inputs(mono), model, mono)
 
     def desired(self, now: datetime | None = None) -> dict[str, DesiredModel]:
         now = now or self.now()
-        layers, _ = self.layers(now)
-        return effective(self.config, layers, now)
+        return effective(self.config, self.composed(now).layers, now)
+
+    def expire(self, now: datetime, mono: float) -> None:
+        """Drop what has run out (a forced profile, overrides, request demand) and say so.
+        Only the loop calls this; reads ignore expired entries until then."""
+        if self.forced_profile is not None and not self.forced_profile.active(now):
+            self.forced_profile = None
+            self.events.publish("profile", profile=None, reason="forced profile expired")
+        for k in [k for k, v in self.overrides.items() if not v.active(now)]:
+            del self.overrides[k]
+            self.events.publish("override", model=k, reason="override expired")
+        inputs = self.layer_inputs(mono)
+        for name in [n for n in self.demand
+                     if not demand_holds(self.config, inputs, n, mono)]:
+            del self.demand[name]
+
+    def decide(self, now: datetime | None = None, mono: float | None = None) -> Decision:
+        """What the loop would do now: the one pipeline (gpud.decide) on this loop's data."""
+        mono = time.monotonic() if mono is None else mono
+        memory = Memory(self.gpus, self._footprints) if self.gpus else None
+        return decide(self.config, self.schedule, self.layer_inputs(mono), self.observed(),
+                      now or self.now(), mono, memory)
 
     # --- the loop -----------------------------------------------------------------------
 
@@ -346,23 +324,23 @@ class Reconciler:
     def pass_once(self) -> Plan:
         t_pass = time.monotonic()
         now = self.now()
+        self.expire(now, t_pass)
         profile, why = self.active_profile(now)
         if profile != self.last_profile:
             self.events.publish("profile", profile=profile, previous=self.last_profile,
                                 reason=why)
             log.info("profile %s -> %s (%s)", self.last_profile, profile, why)
             self.last_profile = profile
-        desired = self.desired(now)
-        for key, d in desired.items():
+        for key, d in effective(self.config, self.composed(now).layers, now).items():
             if key not in self.instances:
                 self.instances[key] = self._instance(key, d.model, d.replica)
-        observed = self.observed()
-        result = plan(desired, observed)
-        fitted = self._fit(result, desired, observed)
-        self.blocked = fitted.blocked
-        self.fit_notes = fitted.notes
-        result = Plan(fitted.actions, result.waiting)
+        decision = self.decide(now, t_pass)
+        desired = decision.desired
+        self.blocked = dict(decision.blocked)
+        self.fit_notes = dict(decision.fit_notes)
+        result = decision.plan
         self.last_plan = result
+        self.last_decision = decision
         mono = time.monotonic()
         chains: dict[str, list[Action]] = {}
         for action in result.actions:
@@ -477,11 +455,9 @@ class Reconciler:
             return True
         raise ValueError(f"unknown action {action.action!r}")
 
-    def _fit(self, result: Plan, desired: Mapping[str, DesiredModel],
-             observed: Mapping[str, ObservedModel]) -> FitResult:
-        """Check loads and wakes against GPU memory (NVML); free room from idle models."""
-        if not self.gpus:
-            return FitResult(result.actions)
+    def _footprints(self, desired: Mapping[str, DesiredModel]) -> dict[str, Footprint]:
+        """Each instance's footprint for the fit check: measured where gpud saw the engine
+        run, else estimated from the model's config.json (read once per spec)."""
         fps: dict[str, Footprint] = {}
         for key, d in desired.items():
             if d.gpu is None:
@@ -490,18 +466,25 @@ class Reconciler:
             cache_key = FootprintStore.key(d.model, d.gpu, d.spec_hash)
             if cache_key not in self._estimates:
                 total = self.gpus[d.gpu].total if d.gpu in self.gpus else None
-                self._estimates[cache_key] = footprint_for(m, locate_model_dir(m.source), total)
+                self._estimates[cache_key] = estimate_for(self.config, d.model, total)
             fp = self.footprints.best(cache_key, self._estimates[cache_key])
             if fp is not None:
                 if not self.config.engines[m.engine].sleep_mode:
                     fp = replace(fp, sleeping=fp.awake)  # no sleep mode: a sleep frees nothing
                 fps[key] = fp
+        return fps
+
+    def _fit(self, result: Plan, desired: Mapping[str, DesiredModel],
+             observed: Mapping[str, ObservedModel]) -> FitResult:
+        """The fit check of one action outside a pass (wake-on-request's fast path)."""
+        if not self.gpus:
+            return FitResult(result.actions)
         mono = time.monotonic()
         busy = {k for k, i in self.instances.items()
                 if (t := self.traffic.get(i.model)) is not None and t.inflight}
         idle = {k: mono - t.last_request for k, i in self.instances.items()
                 if (t := self.traffic.get(i.model)) is not None and t.last_request}
-        return fit(result, desired, observed, self.gpus, fps,
+        return fit(result, desired, observed, self.gpus, self._footprints(desired),
                    self.config.daemon.gpu_headroom, busy, idle=idle)
 
     def record_footprints(self, per_key: Mapping[str, int]) -> None:
@@ -989,6 +972,17 @@ class Reconciler:
                 inst.spec_hash = None
         self.events.publish("override", model=model, state=state, reason=reason,
                             until=until.isoformat() if until else None)
+        self.trigger()
+
+    def force_profile(self, name: str, until: datetime | None, reason: str) -> None:
+        self.forced_profile = ForcedProfile(name, until, reason)
+        self.events.publish("profile", profile=name, reason="forced by an operator",
+                            until=until.isoformat() if until else None)
+        self.trigger()
+
+    def release_profile(self) -> None:
+        self.forced_profile = None
+        self.events.publish("profile", profile=None, reason="back to the schedule")
         self.trigger()
 
     def clear_override(self, model: str) -> None:

@@ -48,8 +48,12 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import date, datetime, time, timedelta
+from datetime import UTC, date, datetime, time, timedelta
+from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
+
+if TYPE_CHECKING:
+    from gpud.config.schema import ScheduleConfig
 
 __all__ = [
     "Boundary",
@@ -607,3 +611,64 @@ def _describe_span(begin: int, end: int) -> str:
         last_time = "24:00" if last_time == "00:00" else last_time
         return f"{first_day} {first_time}-{last_time}"
     return f"{first_day} {first_time} to {last_day} {last_time}"
+
+
+def schedule_of(entries: Sequence[ScheduleConfig], tz: ZoneInfo) -> Schedule | None:
+    """The file's ``[[schedule]]`` tables as a Schedule (None without any): the one place a
+    Schedule is built from config (daemon, `gpud plan`, `gpud check`, the page)."""
+    if not entries:
+        return None
+    return Schedule([ScheduleEntry(e.profile, e.when, e.prewake, e.priority) for e in entries],
+                    tz)
+
+
+# --------------------------------------------------------------------------- `gpud plan --at`
+
+AT_FORMS = ("HH:MM", "today HH:MM", "tomorrow [HH:MM]", "mon..sun HH:MM",
+            "ISO 8601 with or without an offset (without: the schedule's zone)")
+
+
+def parse_at(text: str, now: datetime) -> datetime:
+    """An instant for `gpud plan --at`, on the wall clock of `now`'s zone (the schedule's):
+    `10:00` (today), `tomorrow 07:55`, `fri 19:30` (the next Friday, today included if still
+    ahead), `tomorrow` (this time tomorrow), or ISO 8601 (an offset is honoured; without one
+    the time is local). A local time that does not exist (the spring-forward gap) moves
+    forward by the gap, as a clock would. ValueError names the accepted forms."""
+    tz = now.tzinfo
+    words = text.strip().lower().split()
+    try:
+        if len(words) == 1 and ":" in words[0] and "-" not in words[0]:
+            return _local(now.date(), _clock(words[0]), tz)
+        if words and words[0] in ("today", "tomorrow") and len(words) <= 2:
+            day = now.date() + timedelta(days=words[0] == "tomorrow")
+            at = _clock(words[1]) if len(words) == 2 else now.time().replace(tzinfo=None)
+            return _local(day, at, tz)
+        if len(words) == 2 and words[0][:3] in _DAY_NAMES_AT:
+            at = _clock(words[1])
+            ahead = (_DAY_NAMES_AT.index(words[0][:3]) - now.weekday()) % 7
+            moment = _local(now.date() + timedelta(days=ahead), at, tz)
+            return moment if moment >= now else _local(moment.date() + timedelta(days=7), at, tz)
+        moment = datetime.fromisoformat(text.strip())
+    except ValueError:
+        pass
+    else:
+        if moment.tzinfo is None:
+            return _local(moment.date(), moment.time(), tz)
+        return moment.astimezone(tz)
+    raise ValueError(f"--at {text!r}: not a time gpud reads; use one of: {', '.join(AT_FORMS)}")
+
+
+_DAY_NAMES_AT = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+
+
+def _clock(text: str) -> time:
+    parts = text.split(":")
+    if len(parts) not in (2, 3) or not all(p.isdigit() for p in parts):
+        raise ValueError(text)
+    h, m, sec = (int(p) for p in [*parts, "0"][:3])
+    return time(h, m, sec)
+
+
+def _local(day: date, at: time, tz: Any) -> datetime:
+    wall = datetime.combine(day, at, tzinfo=tz)
+    return wall.astimezone(UTC).astimezone(tz)  # normalises a time in a DST gap

@@ -46,7 +46,8 @@ def test_plan_at_an_instant_reports_profile_boundary_and_desired(tmp_path: Path)
     data = json.loads(r.stdout)
     assert data["profile"] == "day"
     assert data["desired"] == {"chat": "awake", "batch": "asleep"}
-    assert data["next_boundary"] == {"at": "2026-03-27T20:00:00+01:00", "profile": "night"}
+    assert data["next_boundary"] == {"at": "2026-03-27T20:00:00+01:00", "profile": "night",
+                                     "prewake_seconds": 0.0}
     assert [(a["action"], a["model"]) for a in data["actions"]] == [
         ("load", "batch"), ("sleep", "batch"), ("load", "chat")]
     # across the spring-forward weekend: Monday 08:00 is now +02:00
@@ -65,9 +66,50 @@ def test_plan_with_observed_state_and_people_output(tmp_path: Path) -> None:
     assert lines[0][1:3] == ["sleep", "chat"] and lines[1][1:3] == ["wake", "batch"]
 
 
-def test_at_without_offset_is_refused(tmp_path: Path) -> None:
-    r = plan(tmp_path, "--at", "2026-03-27T21:00:00")
-    assert r.returncode == 2 and "offset" in r.stderr
+def test_at_takes_local_times_on_the_schedule_clock(tmp_path: Path) -> None:
+    """`--at` without an offset is the file's timezone (Europe/Paris), not an error."""
+    r = plan(tmp_path, "--at", "2026-03-27T21:00:00", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["at"] == "2026-03-27T21:00:00+01:00"
+    for at in ("10:00", "tomorrow 07:55", "tomorrow", "fri 19:30", "2026-03-30T07:59"):
+        r = plan(tmp_path, "--at", at, "--json")
+        assert r.returncode == 0, (at, r.stderr)
+        got = json.loads(r.stdout)["at"]
+        assert got.endswith(("+01:00", "+02:00")), (at, got)  # Paris, winter or summer
+    tomorrow = json.loads(plan(tmp_path, "--at", "tomorrow 07:55", "--json").stdout)
+    assert "T07:55:00" in tomorrow["at"]
+
+
+def test_at_that_gpud_cannot_read_names_the_forms_it_takes(tmp_path: Path) -> None:
+    r = plan(tmp_path, "--at", "noonish")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "'noonish'" in r.stderr and "tomorrow" in r.stderr and "ISO 8601" in r.stderr
+
+
+def test_text_output_shows_pre_wake_and_that_fit_was_not_checked(tmp_path: Path) -> None:
+    """Monday 07:59:30 is inside the day profile's 60 s pre-wake: chat is asleep by night and
+    wakes before 08:00; the text says so, and says the fit was not checked (no --gpus)."""
+    r = plan(tmp_path, "--at", "2026-03-30T07:59:30", "--observed",
+             '{"chat": "asleep", "batch": "awake"}')
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert "pre-wake 60s before" in out
+    assert "pre-wake: chat: pre-waking for profile day at 08:00" in out
+    assert [line.split()[1:3] for line in out.splitlines() if line.strip().startswith("1.")] == [
+        ["wake", "chat"]]
+    assert "fit not checked" in out
+
+
+def test_overrides_and_intents_are_layered_as_the_daemon_layers_them(tmp_path: Path) -> None:
+    r = plan(tmp_path, "--at", "2026-03-27T12:00", "--intent", "batch=awake",
+             "--override", "chat=asleep", "--json")
+    assert r.returncode == 0, r.stderr
+    data = json.loads(r.stdout)
+    assert data["desired"] == {"chat": "asleep", "batch": "awake"}
+    assert data["layers"] == {"chat": "override", "batch": "policy"}
+    assert data["reasons"]["chat"] == "sleep by an operator"
+    bad = plan(tmp_path, "--override", "nope=asleep")
+    assert bad.returncode == 2 and "no model 'nope'" in bad.stderr
 
 
 FIT = """

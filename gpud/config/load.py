@@ -292,13 +292,10 @@ def _cross_check(cfg: GpudConfig, loc: _Located, check_files: bool) -> list[Erro
             errors.append(loc.error(("schedule", i, "profile"),
                 f"profile {entry.profile!r} is not defined (defined profiles: {known})"))
     if cfg.schedule:
-        from gpud.schedule import Schedule, ScheduleEntry
+        from gpud.schedule import schedule_of
 
-        sched = Schedule(
-            [ScheduleEntry(e.profile, e.when, e.prewake, e.priority) for e in cfg.schedule],
-            _zone(cfg.daemon.timezone),
-        )
-        for problem in sched.overlaps():
+        sched = schedule_of(cfg.schedule, _zone(cfg.daemon.timezone))
+        for problem in sched.overlaps() if sched else ():
             errors.append(loc.error(("schedule",), problem))
     for i, key in enumerate(cfg.auth.keys):
         for m in key.models or []:

@@ -196,18 +196,13 @@ async def profile_put(request: web.Request) -> web.Response:
     until = _until(body, d)
     if isinstance(until, web.Response):
         return until
-    d.reconciler.forced_profile = (name, until, str(body.get("reason") or "forced by an operator"))
-    d.events.publish("profile", profile=name, reason="forced by an operator",
-                     until=until.isoformat() if until else None)
-    d.reconciler.trigger()
+    d.reconciler.force_profile(name, until, str(body.get("reason") or "forced by an operator"))
     return web.json_response(d.profile_status())
 
 
 async def profile_delete(request: web.Request) -> web.Response:
     d = _daemon(request)
-    d.reconciler.forced_profile = None
-    d.events.publish("profile", profile=None, reason="back to the schedule")
-    d.reconciler.trigger()
+    d.reconciler.release_profile()
     return web.json_response(d.profile_status())
 
 
