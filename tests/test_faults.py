@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -185,3 +186,52 @@ def test_fixing_a_crashing_spec_starts_it_at_once_with_a_fresh_count(tmp_path: P
         assert m["restarts"] == 0, m
     finally:
         assert g.stop() == 0
+
+
+# --- item 12: a live listen change, a gpud.d/ made after start -----------------------------
+
+def answers(port: int) -> bool:
+    try:
+        return bool(Gpud(Path("/dev/null"), port).get("/healthz")["ok"])
+    except OSError:
+        return False
+
+
+def test_a_listen_change_moves_the_listener(daemon: Gpud) -> None:
+    old, new = daemon.port, free_port()
+    daemon.config.write_text(daemon.config.read_text().replace(f":{old}", f":{new}"))
+    wait_for(lambda: answers(new), 5, f"gpud to answer on the new port {new}")
+    assert not answers(old)
+    moved = Gpud(daemon.config, new)
+    assert moved.status()["daemon"]["listen"] == f"127.0.0.1:{new}"
+    daemon.port, daemon.url = new, moved.url  # for the fixture's stop and the checks below
+    assert moved.cli("status").returncode == 0
+
+
+def test_a_listen_change_to_a_taken_port_is_refused_with_the_reason(daemon: Gpud) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        daemon.config.write_text(daemon.config.read_text().replace(f":{daemon.port}",
+                                                                   f":{busy}"))
+        st = wait_for(lambda: (d := daemon.status()["daemon"])["listen_problem"] and d, 5,
+                      "the refused listen change in status")
+    assert st["listen"] == f"127.0.0.1:{daemon.port}"
+    assert f"cannot listen on 127.0.0.1:{busy}: " in st["listen_problem"]
+    assert f"still listening on 127.0.0.1:{daemon.port}" in st["listen_problem"]
+    assert "listen change refused" in daemon.log_text()
+    assert "listen: cannot listen on" in daemon.cli("status").stdout
+
+
+def test_a_dropin_dir_created_after_start_is_watched(daemon: Gpud) -> None:
+    r0 = daemon.status()["config"]["revision"]
+    dropins = daemon.config.with_suffix(".d")
+    dropins.mkdir()
+    (dropins / "day.toml").write_text("[profiles.day]\n")
+    wait_for(lambda: daemon.status()["config"]["revision"] != r0, 5, "the drop-in to load")
+    files = daemon.get("/api/v1/config")["files"]
+    assert str(dropins / "day.toml") in files
+    (dropins / "night.toml").write_text("[profiles.night]\n")
+    wait_for(lambda: str(dropins / "night.toml") in daemon.get("/api/v1/config")["files"], 5,
+             "a second drop-in to load")
