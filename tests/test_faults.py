@@ -7,7 +7,6 @@ engine-side faults are in test_e2e_faults.py).
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import subprocess
@@ -15,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from gpudproc import GPUD, REPO, Gpud, free_port, wait_for
+from gpudproc import GPUD, REPO, Gpud, free_port, tagged_pids, wait_for
 
 BASE = ('[daemon]\nlisten = "127.0.0.1:{port}"\nstate_dir = "{root}/state"\n'
         'runtime_dir = "{root}/run"\ntick = "1s"\n')
@@ -124,24 +123,6 @@ def model(name: str, engine_name: str, source: Path) -> str:
     return f'[models.{name}]\nsource = "{source}"\nengine = "{engine_name}"\n'
 
 
-def tagged_pids(model_name: str) -> list[int]:
-    """Leaders of engine groups in /proc tagged with this model (ours or not)."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/environ", "rb") as f:
-                env = f.read()
-            with open(f"/proc/{entry}/stat") as f:
-                pgrp = int(f.read().rsplit(")", 1)[1].split()[2])
-        except (OSError, ValueError):
-            continue
-        if pgrp == int(entry) and f'"model":"{model_name}"'.encode() in env:
-            pids.append(int(entry))
-    return pids
-
-
 def test_kill9_and_a_lost_runtime_dir_still_adopt_not_start_a_second_engine(
         tmp_path: Path) -> None:
     port = free_port()
@@ -158,12 +139,12 @@ def test_kill9_and_a_lost_runtime_dir_still_adopt_not_start_a_second_engine(
         g.start()
         m = wait_for(lambda: (m := g.models()[name])["pid"] and m, 10, "the model")
         assert m["pid"] == pid, "a second engine was started"
-        assert tagged_pids(name) == [pid]
+        assert tagged_pids(name, tmp_path / "state") == [pid]
         assert any(e["kind"] == "adopted" and e.get("pid") == pid for e in g.events())
         assert (tmp_path / "run" / f"{name}.json").exists()  # the record is written back
     finally:
         assert g.stop() == 0
-    wait_for(lambda: not tagged_pids(name), 10, "the engine to stop with gpud")
+    wait_for(lambda: not tagged_pids(name, tmp_path / "state"), 10, "the engine to stop with gpud")
 
 
 # --- item 9: a fixed spec starts at once, with a fresh backoff ------------------------------
