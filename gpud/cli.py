@@ -270,6 +270,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         valid = f"LAST GOOD (the file is invalid): {cfg['error']}"
     print(f"gpud {data['daemon']['version']} pid {data['daemon']['pid']} · "
           f"profile {data.get('profile') or '(none)'} · config {cfg['revision']} {valid}")
+    if data["daemon"].get("listen_problem"):
+        print(f"listen: {data['daemon']['listen_problem']}")
     rows = [("MODEL", "STATE", "DESIRED", "GPU", "MEMORY", "IN-FLIGHT", "REASON")]
     for name, m in data["models"].items():
         mem = m.get("memory_bytes")

@@ -93,6 +93,9 @@ class Daemon:
         self.memory_at = 0.0
         self._armed: object = None
         self.runner: web.AppRunner | None = None
+        self.site: web.TCPSite | None = None
+        self.listening: str | None = None  # where the listener is, whatever the file says
+        self.listen_problem: str | None = None  # why the file's listen is not applied
 
     def _now(self) -> datetime:
         from gpud.config import zone_of
@@ -154,6 +157,7 @@ class Daemon:
                 if self.proxy is not None:
                     self.proxy.set_keys(self._keyring())
                 await asyncio.to_thread(self.save_last_good)
+                await self._follow_listen()
                 log.info("config reloaded (%s): revision %s -> %s", source, old, new.revision)
                 self.events.publish("config", valid=True, revision=new.revision, previous=old,
                                     source=source)
@@ -162,6 +166,22 @@ class Daemon:
                 self._update_status()
                 if announced:
                     self.notifier.ready()
+
+    async def _follow_listen(self) -> None:
+        """Move the listener where the file's `listen` now says (or say why not)."""
+        from gpud.listener import rebind
+
+        want = self.loaded.config.daemon.listen
+        if self.site is None or self.runner is None or self.listening in (None, want):
+            self.listen_problem = None
+            return
+        assert self.listening is not None
+        self.site, why = await rebind(self.runner, self.site, self.listening, want)
+        if why is None:
+            self.listening, self.listen_problem = want, None
+        else:
+            self.listen_problem = f"{why}; still listening on {self.listening}"
+            log.error("listen change refused: %s", self.listen_problem)
 
     def _keyring(self) -> Any:
         from gpud.proxy.auth import ApiKey, KeyRing
@@ -222,7 +242,8 @@ class Daemon:
         prof = self.profile_status()
         out: dict[str, Any] = {
             "daemon": {"pid": os.getpid(), "version": __version__,
-                       "started_at": self.started_at.isoformat(timespec="seconds")},
+                       "started_at": self.started_at.isoformat(timespec="seconds"),
+                       "listen": self.listening, "listen_problem": self.listen_problem},
             "now": r.now().isoformat(timespec="seconds"),
             "profile": prof["profile"],
             "schedule": {"source": prof["source"], "forced": prof["forced"],
@@ -274,40 +295,13 @@ class Daemon:
     # --- the loop -----------------------------------------------------------------------
 
     async def _watch(self) -> None:
-        import watchfiles
+        from gpud.watch import watch_config
 
         if self.loaded.embedded or (self.config_path is None and not DEFAULT_PATH.exists()):
             self._watching.set()
             return
-        path = self.loaded.path.resolve()
-        dirs = [path.parent]
-        dropins = path.parent / (path.stem + ".d")
-        if dropins.is_dir():
-            dirs.append(dropins)
-        logging.getLogger("watchfiles").setLevel(logging.WARNING)
-
-        def relevant(_: object, changed: str) -> bool:
-            p = Path(changed)
-            return p == path or (p.parent == dropins and p.suffix == ".toml")
-
-        # Watch the directory, not the file: editors save by renaming a new file over it.
-        changes = watchfiles.awatch(*dirs, debounce=30, step=10, stop_event=self._stop,
-                                    recursive=False, watch_filter=relevant)
-        nxt = asyncio.ensure_future(anext(changes))
-        # One loop turn runs awatch up to its first await: the inotify watches exist now.
-        await asyncio.sleep(0)
-        self._watching.set()
-        # An edit made between the first load and now had no watch to see it.
-        await self.reload(source="file change")
-        try:
-            while True:
-                await nxt
-                await self.reload(source="file change")
-                nxt = asyncio.ensure_future(anext(changes))
-        except StopAsyncIteration:
-            pass
-        finally:
-            nxt.cancel()
+        await watch_config(self.loaded.path, lambda: self.reload(source="file change"),
+                           self._stop, self._watching)
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -341,6 +335,7 @@ class Daemon:
         site = web.TCPSite(self.runner, cfg.daemon.host, cfg.daemon.port, reuse_address=True)
         try:
             await site.start()
+            self.site, self.listening = site, cfg.daemon.listen
         except OSError as exc:
             log.error("cannot listen on %s: %s", cfg.daemon.listen, exc.strerror)
             self._stop.set()
@@ -525,19 +520,27 @@ class Daemon:
             runner = PolicyRunner(pcfg.dir, timeout=pcfg.timeout.total_seconds())
             try:
                 while self.loaded.config.policies == pcfg:
-                    await asyncio.to_thread(runner.reload)
-                    view = self.reconciler.policy_view()
-                    intents, statuses = await asyncio.to_thread(runner.evaluate, view)
-                    before = {p["name"]: p.get("error") for p in self.reconciler.policy_status}
-                    self.reconciler.policy_status = [st.as_dict() for st in statuses]
-                    for st in self.reconciler.policy_status:
-                        if st.get("error") and before.get(st["name"]) != st["error"]:
-                            log.error("policy %s disabled: %s", st["name"], st["error"])
-                            self.events.publish("policy", policy=st["name"], error=st["error"])
-                    self.reconciler.set_policy_intents(intents)
+                    try:
+                        await self._policy_round(runner)
+                    except Exception:  # the runner's own bug: next round, not a dead loop
+                        log.exception("policy round failed; trying again in %s",
+                                      pcfg.interval)
                     await asyncio.sleep(pcfg.interval.total_seconds())
             finally:
                 await asyncio.to_thread(runner.close)
+
+
+    async def _policy_round(self, runner: Any) -> None:
+        await asyncio.to_thread(runner.reload)
+        view = self.reconciler.policy_view()
+        intents, statuses = await asyncio.to_thread(runner.evaluate, view)
+        before = {p["name"]: p.get("error") for p in self.reconciler.policy_status}
+        self.reconciler.policy_status = [st.as_dict() for st in statuses]
+        for st in self.reconciler.policy_status:
+            if st.get("error") and before.get(st["name"]) != st["error"]:
+                log.error("policy %s disabled: %s", st["name"], st["error"])
+                self.events.publish("policy", policy=st["name"], error=st["error"])
+        self.reconciler.set_policy_intents(intents)
 
 
 def _test_clock_offset() -> timedelta:

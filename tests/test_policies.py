@@ -404,3 +404,50 @@ def test_shipped_examples_run_in_the_runner(policy_dir: Path) -> None:
             ("memory_pressure", "Sleep", "batch"),
             ("wake_on_queue", "Wake", "chat"),
         ]
+
+
+# A script runs inside its worker and can make it send any bytes as its answer: here it
+# swaps the worker's json module, as a hostile or broken script could (issue 21, item 4).
+ANSWERS = """
+import sys, types
+ANSWER = {answer}
+sys.modules["__main__"].json = types.SimpleNamespace(dumps=lambda obj: ANSWER)
+
+def decide(view):
+    return []
+"""
+HOSTILE = {
+    "deep": "'[' * 200_000 + ']' * 200_000",
+    "deep_in_an_intent": "'{\"intents\": [{\"kind\": \"Sleep\", \"model\": \"chat\", "
+                         "\"level\": 1, \"reason\": ' + '[' * 100_000 + ']' * 100_000 + '}]}'",
+    "huge": "'\"' + 'x' * (5 << 20) + '\"'",
+    "huge_error": "'{\"error\": \"' + 'x' * (3 << 20) + '\"}'",
+    "not_utf8": "types.SimpleNamespace(encode=lambda: b'\\xff\\xfe\\x00[')",
+    "wrong_types": "'{\"intents\": [{\"kind\": \"Sleep\", \"model\": [\"chat\"], "
+                   "\"level\": \"one\", \"reason\": {\"a\": [1, [2, [3, [4]]]]}}]}'",
+    "kind_is_a_list": "'{\"intents\": [{\"kind\": [[[[1]]]]}, 5]}'",
+    "nan": "'{\"intents\": NaN}'",
+}
+
+
+def test_any_answer_costs_only_its_policy_with_a_short_reason(
+    runner: PolicyRunner, policy_dir: Path
+) -> None:
+    write(policy_dir, "good", GOOD)
+    for name, answer in HOSTILE.items():
+        write(policy_dir, name, ANSWERS.format(answer=answer))
+    assert all(s.enabled for s in runner.reload())
+    intents, statuses = runner.evaluate(view(model("chat")))
+    assert intents == [Wake("chat", "profile day", policy="good")]
+    status = by_name(statuses)
+    for name in HOSTILE:
+        error = status[name].error or ""
+        assert not status[name].enabled and f"disabled until {policy_dir / name}.py" in error
+        assert len(error) < 1000, (name, len(error))
+    assert "not JSON gpud can read (RecursionError)" in (status["deep"].error or "")
+    assert "more than 4 MiB" in (status["huge"].error or "")
+    # The loop goes on: the good one keeps running, and a fixed script loads.
+    write(policy_dir, "deep", GOOD)
+    assert by_name(runner.reload())["deep"].enabled
+    intents, _ = runner.evaluate(view(model("chat")))
+    assert [i.policy for i in intents] == ["deep", "good"]

@@ -92,6 +92,14 @@ def proc_start_time(pid: int) -> int | None:
     return int(fields[19]) if fields is not None else None
 
 
+def proc_group_and_start(pid: int) -> tuple[int, int] | None:
+    """(process group, start time) of a live, non-zombie PID; None if it is gone."""
+    fields = _read_stat(pid)
+    if fields is None or fields[0] in ("Z", "X"):
+        return None
+    return int(fields[2]), int(fields[19])
+
+
 def group_members(pgid: int) -> list[int]:
     """Live (non-zombie) processes whose process group is PGID."""
     if pgid <= 1:

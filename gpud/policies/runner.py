@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import pickle
+import reprlib
 import socket
 import stat
 import subprocess
@@ -39,6 +40,11 @@ MAX_SOURCE_BYTES = 1 << 20
 MAX_ANSWER_BYTES = 4 << 20
 # Starting Python takes ~0.1 s; this only catches a box too swamped to start one at all.
 STARTUP_TIMEOUT = 30.0
+# What a status or log line quotes of a bad answer: enough to recognise it, never megabytes
+# or a structure nested too deep to print.
+MAX_REASON_CHARS = 600
+_quote = reprlib.Repr()
+_quote.maxlevel, _quote.maxstring, _quote.maxother, _quote.maxlist, _quote.maxdict = 3, 80, 80, 4, 4
 _INTENTS_BY_KIND: dict[str, type[Intent]] = {t.__name__: t for t in INTENT_TYPES}
 # The directory that holds the gpud package, for the worker's import path.
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
@@ -111,9 +117,15 @@ class _Worker:
             raise ValueError(
                 f"it answered with more than {MAX_ANSWER_BYTES >> 20} MiB; return fewer intents"
             ) from None
-        answer = json.loads(data)
+        try:
+            answer = json.loads(data)
+        # A script runs in the worker and can send any bytes: nested too deep to parse
+        # (RecursionError), not UTF-8, not JSON.
+        except (ValueError, RecursionError) as exc:
+            raise ValueError(f"its worker answered {len(data)} bytes that are not JSON gpud "
+                             f"can read ({type(exc).__name__})") from None
         if not isinstance(answer, dict):
-            raise ValueError(f"its worker answered {answer!r}, which gpud cannot read")
+            raise ValueError(f"its worker answered {_quote.repr(answer)}, which gpud cannot read")
         return answer
 
 
@@ -141,6 +153,8 @@ class _Policy:
         if self.worker is not None:
             self.worker.kill()
             self.worker = None
+        if len(why) > MAX_REASON_CHARS:
+            why = why[: MAX_REASON_CHARS - 3] + "..."
         self.error = f"{why}; disabled until {self.path} changes (touch it to retry)"
 
 
@@ -225,7 +239,13 @@ class PolicyRunner:
                     assert isinstance(conn, Connection)
                     policy = running.pop(conn)
                     policy.last_run_ms = round((time.monotonic() - started) * 1000, 1)
-                    intents = self._answer(policy, view)
+                    try:
+                        intents = self._answer(policy, view)
+                    # Whatever an answer does to gpud's side, it costs that policy only.
+                    except Exception as exc:
+                        policy.disable(f"gpud could not read its answer: {type(exc).__name__}: "
+                                       f"{_quote.repr(exc)}")
+                        intents = None
                     if intents is not None:
                         answers[policy.name] = intents
                         policy.last_intents = len(intents)
@@ -349,7 +369,7 @@ class PolicyRunner:
             return None
         raw = answer.get("intents")
         if not isinstance(raw, list):
-            policy.disable(f"its worker answered {answer!r}, which gpud cannot read")
+            policy.disable(f"its worker answered {_quote.repr(answer)}, which gpud cannot read")
             return None
         known = view.model_names
         intents: list[Intent] = []
@@ -358,12 +378,12 @@ class PolicyRunner:
                 _INTENTS_BY_KIND.get(str(item.pop("kind", ""))) if isinstance(item, dict) else None
             )
             if kind is None or not isinstance(item, dict):
-                policy.disable(f"its worker answered {item!r}, which gpud cannot read")
+                policy.disable(f"its worker answered {_quote.repr(item)}, which gpud cannot read")
                 return None
             item["policy"] = policy.name
             try:
                 intent = kind(**item)
-            except (TypeError, ValueError) as exc:
+            except (TypeError, ValueError, RecursionError) as exc:
                 policy.disable(f"decide() returned an invalid {kind.__name__}: {exc}")
                 return None
             if intent.model not in known:
