@@ -62,6 +62,7 @@ from gpud.engines.vllm import (
     VllmClient,
     build_argv,
     build_env,
+    max_num_seqs,
     request_sent_trace,
 )
 from gpud.events import EventBus
@@ -1067,7 +1068,8 @@ class Reconciler:
         if key != self._routes_key:
             self._routes = {
                 name: ModelRoute(
-                    name=name, aliases=tuple(m.aliases), max_concurrency=m.max_concurrency,
+                    name=name, aliases=tuple(m.aliases),
+                    max_concurrency=m.max_concurrency or max_num_seqs(m.args),
                     max_queue=m.max_queue, request_timeout=m.request_timeout.total_seconds(),
                     load_on_demand=m.load_on_demand,
                     state=self.instances[name].state if name in self.instances else State.UNLOADED,

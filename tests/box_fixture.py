@@ -16,6 +16,7 @@ import pytest
 from engine_fixtures import VLLM_PYTHON
 from gpudproc import Gpud, free_port
 
+CHAT_ALIAS = "gpt-4o-mini"  # another name of the box's chat model (vLLM serves "chat" only)
 ENGINE_COMMAND = [str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model"]
 
 
@@ -71,7 +72,8 @@ class Box:
     def write(self, models: dict[str, str], extra: str = "") -> None:
         text = daemon_section(self.port, self.state) + "\n" + engine_section() + "\n"
         for name, state in models.items():
-            text += model_section(name, self.model, state) + "\n"
+            extra_keys = {"aliases": f'["{CHAT_ALIAS}"]'} if name == "chat" else {}
+            text += model_section(name, self.model, state, **extra_keys) + "\n"
         self.config.write_text(text + extra)
 
     def base_models(self) -> None:

@@ -12,7 +12,7 @@ import urllib.request
 import httpx
 import openai
 import pytest
-from box_fixture import Box
+from box_fixture import CHAT_ALIAS, Box
 from gpudproc import wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -52,6 +52,27 @@ def test_chat_completion_streaming_and_models(box: Box) -> None:
     assert len(chunks) >= 2
     ids = {m.id for m in c.models.list().data}
     assert {"chat", "batch"} <= ids
+
+
+def test_an_alias_is_answered_by_the_engine_under_the_alias(box: Box) -> None:
+    """vLLM knows only `--served-model-name chat`; a client asking for the alias gets the
+    engine's answer, and the answer names the model it asked for, streamed or not."""
+    c = client(box)
+    chat = c.chat.completions.create(model=CHAT_ALIAS, max_tokens=4,
+                                     messages=[{"role": "user", "content": "hello"}])
+    assert chat.model == CHAT_ALIAS and chat.choices
+    comp = c.completions.create(model=CHAT_ALIAS, prompt="once upon", max_tokens=4)
+    assert comp.model == CHAT_ALIAS and comp.choices
+    chunks = list(c.chat.completions.create(
+        model=CHAT_ALIAS, max_tokens=8, stream=True,
+        messages=[{"role": "user", "content": "hi"}]))
+    assert len(chunks) >= 2 and {ch.model for ch in chunks} == {CHAT_ALIAS}
+    chunks = list(c.completions.create(model=CHAT_ALIAS, prompt="hi", max_tokens=8,
+                                       stream=True))
+    assert len(chunks) >= 2 and {ch.model for ch in chunks} == {CHAT_ALIAS}
+    # the model's own name is relayed as the engine wrote it
+    assert c.chat.completions.create(model="chat", max_tokens=2, messages=[
+        {"role": "user", "content": "hi"}]).model == "chat"
 
 
 def test_embeddings_pass_the_engines_own_answer(box: Box) -> None:

@@ -3,12 +3,23 @@ hashing, crash classification on real vLLM log lines, sleep-state metrics, resta
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from gpud.config import load_config
 from gpud.engines.process import CRASH_CAUSES, classify_crash
 from gpud.engines.restart import RestartPolicy
 from gpud.engines.spec import EngineSpec, check_args, check_env
-from gpud.engines.vllm import build_argv, build_env, parse_sleep_state
+from gpud.engines.vllm import (
+    DEFAULT_MAX_NUM_SEQS,
+    build_argv,
+    build_env,
+    max_num_seqs,
+    parse_sleep_state,
+)
+from gpud.events import EventBus
+from gpud.reconcile import Reconciler
 
 CPU_COMMAND = (".venv-vllm/bin/python", "-m", "vllm.entrypoints.openai.api_server", "--model")
 
@@ -406,3 +417,27 @@ def test_failure_to_become_healthy_counts_without_a_start() -> None:
 def test_bad_policy() -> None:
     with pytest.raises(ValueError):
         RestartPolicy(initial=10, cap=1)
+
+
+# --- what the engine batches (gpud's default admission) ------------------------------------
+
+
+def test_max_num_seqs_from_args_else_vllms_default() -> None:
+    assert max_num_seqs(()) == DEFAULT_MAX_NUM_SEQS == 1024
+    assert max_num_seqs(("--enable-prefix-caching", "--max-num-seqs", "48")) == 48
+    assert max_num_seqs(("--max-num-seqs=12", "--max-num-seqs", "96")) == 96  # last wins
+    assert max_num_seqs(("--max-num-seqs",)) == DEFAULT_MAX_NUM_SEQS  # no value: vLLM refuses
+
+
+def test_an_unset_max_concurrency_routes_with_what_the_engine_batches(tmp_path: Path) -> None:
+    """Issue 20: a user who never sets max_concurrency must not get a quarter of the GPU."""
+    cfg = tmp_path / "gpud.toml"
+    cfg.write_text(
+        f'[daemon]\nstate_dir = "{tmp_path}"\nruntime_dir = "{tmp_path / "run"}"\n'
+        '[models.chat]\nsource = "/m"\n'
+        '[models.batch]\nsource = "/m"\nargs = ["--max-num-seqs", "512"]\n'
+        '[models.shared]\nsource = "/m"\nmax_concurrency = 8\n')
+    r = Reconciler(load_config(cfg, check_files=False), EventBus(), state_dir=tmp_path,
+                   runtime_dir=tmp_path / "run")
+    limits = {name: route.max_concurrency for name, route in r.routes().items()}
+    assert limits == {"chat": 1024, "batch": 512, "shared": 8}

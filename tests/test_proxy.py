@@ -19,6 +19,8 @@ import aiohttp
 import openai
 import pytest
 from aiohttp import web
+from hypothesis import given
+from hypothesis import strategies as st
 
 from gpud.proxy import (
     ApiKey,
@@ -33,6 +35,7 @@ from gpud.proxy import (
     check_key_hash,
     hash_key,
 )
+from gpud.proxy.app import _ModelRename
 
 # -- an upstream that answers like a vLLM engine -------------------------------------
 
@@ -41,6 +44,7 @@ from gpud.proxy import (
 class Upstream:
     url: str = ""
     seen: list[dict[str, Any]] = field(default_factory=list)  # request bodies, in arrival order
+    raw: list[bytes] = field(default_factory=list)  # the same, as the bytes that came
     release: asyncio.Event = field(default_factory=asyncio.Event)  # lets "hold" requests go on
     cancelled: asyncio.Event = field(default_factory=asyncio.Event)
     finished: asyncio.Event = field(default_factory=asyncio.Event)
@@ -74,6 +78,7 @@ def _chunk(model: str, i: int, final: bool = False) -> bytes:
 
 def make_upstream_app(up: Upstream) -> web.Application:
     async def chat(request: web.Request) -> web.StreamResponse:
+        up.raw.append(await request.read())
         body = await request.json()
         up.seen.append(body)
         model = body["model"]
@@ -290,10 +295,46 @@ async def test_a_long_prompt_passes(env: Env) -> None:
 
 
 async def test_alias_routes_to_the_model(env: Env) -> None:
-    r = await env.post("/v1/chat/completions", chat_body("gpt-4o"))
+    r = await env.post("/v1/chat/completions", chat_body("gpt-4o", temperature=0.5))
     assert r.status == 200
-    assert env.up.seen[-1]["model"] == "gpt-4o"  # the body is not rewritten
+    # the engine serves one name: it is asked by that name, the client sees its alias
+    assert env.up.seen[-1] == chat_body("chat", temperature=0.5)
+    assert (await r.json())["model"] == "gpt-4o"
     assert env.proxy.stats()["chat"]["last_request"] is not None
+
+
+async def test_alias_streams_answer_with_the_alias(env: Env) -> None:
+    r = await env.post("/v1/chat/completions", chat_body("default", stream=True))
+    assert r.status == 200
+    events = [line for line in (await r.read()).split(b"\n") if line.startswith(b"data: {")]
+    assert len(events) >= 2
+    assert {json.loads(e[6:])["model"] for e in events} == {"default"}
+    assert env.up.seen[-1]["model"] == "chat"
+
+
+@given(st.lists(st.integers(1, 40), max_size=30), st.sampled_from([":", ": "]))
+def test_alias_rename_finds_the_key_across_any_split(cuts: list[int], sep: str) -> None:
+    """However the engine's stream is cut into reads, every `model` key is rewritten and
+    nothing else changes (a quoted `"model":"chat"` inside content stays)."""
+    event = ('data: {"id":"x","model"' + sep + '"chat","choices":[{"delta":{"content":'
+             '"say \\"model\\":\\"chat\\""}}]}\n\n')
+    stream = (event * 3 + "data: [DONE]\n\n").encode()
+    rename = _ModelRename("chat", "gpt-4o")
+    out, pos = b"", 0
+    for n in cuts:
+        out += rename.chunk(stream[pos:pos + n])
+        pos += n
+    out += rename.chunk(stream[pos:]) + rename.rest()
+    assert out == stream.replace(f'"model"{sep}"chat"'.encode(), f'"model"{sep}"gpt-4o"'.encode())
+    assert out.count(b'\\"model\\":\\"chat\\"') == 3
+
+
+async def test_canonical_name_is_relayed_byte_for_byte_both_ways(env: Env) -> None:
+    raw = b'{"model":  "chat",   "messages":[{"role":"user","content":"hi"}]}'
+    r = await env.http.post(env.url + "/v1/chat/completions", data=raw,
+                            headers={"Content-Type": "application/json"})
+    assert await r.read() == CHAT_BODY % b"chat"
+    assert env.up.raw[-1] == raw
 
 
 async def test_unknown_model_is_404_in_openai_shape_listing_known_names(env: Env) -> None:

@@ -137,7 +137,8 @@ class ModelConfig(Strict):
     priority: int = 0
     pinned: bool = False
     idle_sleep_after: Duration | None = None
-    max_concurrency: int = Field(default=64, ge=1)
+    # None: as many as the engine batches (vLLM's --max-num-seqs in args, else its default).
+    max_concurrency: int | None = Field(default=None, ge=1)
     max_queue: int = Field(default=256, ge=0)
     request_timeout: Duration = timedelta(minutes=5)
     load_on_demand: bool = False

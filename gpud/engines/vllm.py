@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import json as jsonlib
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import aiohttp
@@ -43,6 +43,27 @@ WARM_UP_PROMPT_WORDS = (8, 64, 256, 16)
 WARM_UP_TOKENS = 8
 WARM_UP_BUDGET_S = 2.0
 KEEP_WARM_PULSE_S = 0.25  # one 1-token request this often, up to a boundary
+
+
+# What vLLM batches when its args do not say (`--max-num-seqs`): 0.26's default for its API
+# server is 1024 on an H100/H200-class GPU and 256 on others; gpud takes the larger, so its
+# default admission never holds back a request the engine would have batched.
+DEFAULT_MAX_NUM_SEQS = 1024
+
+
+def max_num_seqs(args: Sequence[str]) -> int:
+    """The most sequences the engine runs in one batch: `--max-num-seqs N` (or `=N`) from
+    the model's args, the last one winning as in vLLM's parser; else vLLM's default."""
+    found = DEFAULT_MAX_NUM_SEQS
+    for i, arg in enumerate(args):
+        value = None
+        if arg == "--max-num-seqs" and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith("--max-num-seqs="):
+            value = arg.partition("=")[2]
+        if value is not None and value.isdigit() and int(value) > 0:
+            found = int(value)
+    return found
 
 
 def build_argv(spec: EngineSpec, port: int, host: str = "127.0.0.1") -> list[str]:

@@ -111,6 +111,55 @@ def _drop(sent: asyncio.Future[UpstreamResponse] | None) -> None:
         sent.result().close()
 
 
+def _rename_request(body: bytes, name: str) -> bytes:
+    """The body with `model` set to the engine's served name (an alias was asked for)."""
+    payload = json.loads(body)
+    payload["model"] = name
+    return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+class _ModelRename:
+    """Writes the name the client asked for (an alias) back into the engine's answer.
+
+    vLLM serves one name (`--served-model-name`, the model's own) and writes it as
+    `"model":"NAME"` (pydantic's compact JSON); every such key becomes the alias. The
+    pattern cannot occur inside a JSON string (its quotes would be escaped), so only
+    real `model` keys change. A streamed answer is rewritten line by line: a chunk's
+    last, unfinished line waits for the next chunk, so a key split across two reads is
+    still found.
+    """
+
+    __slots__ = ("_carry", "_pairs")
+
+    def __init__(self, served: str, asked: str) -> None:
+        self._pairs = [
+            (f'"model"{sep}{json.dumps(served)}'.encode(),
+             f'"model"{sep}{json.dumps(asked, ensure_ascii=False)}'.encode())
+            for sep in (":", ": ")
+        ]
+        self._carry = b""
+
+    def whole(self, body: bytes) -> bytes:
+        for old, new in self._pairs:
+            body = body.replace(old, new)
+        return body
+
+    def chunk(self, data: bytes) -> bytes:
+        """The rewritten complete lines of `carry + data`; the rest waits."""
+        data = self._carry + data
+        end = data.rfind(b"\n") + 1
+        self._carry = data[end:]
+        return self.whole(data[:end])
+
+    def rest(self) -> bytes:
+        """What is left once the answer ended (a last line without a newline)."""
+        data, self._carry = self._carry, b""
+        return self.whole(data)
+
+
+_ALIAS = web.RequestKey("gpud_alias", _ModelRename)
+
+
 class _Reject(Exception):
     """Raised inside the handler to answer with an error response."""
 
@@ -303,8 +352,11 @@ class Proxy:
             if isinstance(key, web.Response):
                 raise _Reject(key)
             body = await request.read()
-            route = self._route_for(body, path, key)
+            route, asked = self._route_for(body, path, key)
             model = route.name
+            if asked is not None:
+                body = _rename_request(body, route.name)
+                request[_ALIAS] = _ModelRename(route.name, asked)
             if marks is not None:
                 marks["model"] = model
                 _mark(request, "routed_ms")
@@ -329,7 +381,10 @@ class Proxy:
             marks["status"] = status
             self.timings.append(marks)
 
-    def _route_for(self, body: bytes, path: str, key: ApiKey | None) -> ModelRoute:
+    def _route_for(
+        self, body: bytes, path: str, key: ApiKey | None
+    ) -> tuple[ModelRoute, str | None]:
+        """The route of the request, and the alias it named (None: the model's own name)."""
         try:
             payload = json.loads(body)
         except ValueError:
@@ -340,7 +395,7 @@ class Proxy:
         if name is None and path in _MODEL_OPTIONAL:
             routes = self.backend.routes()
             if len(routes) == 1:
-                return next(iter(routes.values()))
+                return next(iter(routes.values())), None
         if not isinstance(name, str):
             known = ", ".join(sorted(self.backend.routes()))
             raise _Reject(
@@ -364,7 +419,7 @@ class Proxy:
                     )
                 )
             raise self._unknown_model(name, key)
-        return route
+        return route, (None if name == route.name else name)
 
     async def _admit_and_forward(
         self, request: web.Request, path: str, body: bytes, route: ModelRoute, t0: float
@@ -525,10 +580,15 @@ class Proxy:
                 v = uh.get(lower)
                 if v is not None:
                     out[name] = v
+            rename = request.get(_ALIAS)
+            if rename is not None and "content-encoding" in uh:
+                rename = None  # compressed: relayed as it is
             if not uh.get("content-type", "").startswith(_SSE):
                 raw = await upstream.read()
+                if rename is not None:
+                    raw = rename.whole(raw)
                 return web.Response(body=raw, status=upstream.status, headers=out), None
-            return await self._stream(request, upstream, out, route, t0)
+            return await self._stream(request, upstream, out, route, t0, rename)
         except UpstreamError as e:
             return error_response(
                 502,
@@ -548,6 +608,7 @@ class Proxy:
         headers: CIMultiDict[str],
         route: ModelRoute,
         t0: float,
+        rename: _ModelRename | None = None,
     ) -> tuple[web.StreamResponse, float | None]:
         headers["Cache-Control"] = "no-cache"
         headers["X-Accel-Buffering"] = "no"
@@ -555,16 +616,18 @@ class Proxy:
         await resp.prepare(request)
         ttft: float | None = None
         try:
-            chunk = await upstream.readany()
-            if chunk:
-                _mark(request, "upstream_first_chunk_ms")
-                await resp.write(chunk)
-                ttft = time.perf_counter() - t0
-                _mark(request, "first_chunk_written_ms")
-            while chunk:
-                chunk = await upstream.readany()
-                if chunk:
+            while chunk := await upstream.readany():
+                if rename is not None and not (chunk := rename.chunk(chunk)):
+                    continue  # no whole line yet
+                if ttft is None:
+                    _mark(request, "upstream_first_chunk_ms")
+                    await resp.write(chunk)
+                    ttft = time.perf_counter() - t0
+                    _mark(request, "first_chunk_written_ms")
+                else:
                     await resp.write(chunk)  # waits for the client to drain: backpressure
+            if rename is not None and (chunk := rename.rest()):
+                await resp.write(chunk)
         except UpstreamError as e:
             # The engine broke off mid-stream: say so in-band (the SDKs raise on it).
             err = {
