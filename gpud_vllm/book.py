@@ -8,10 +8,12 @@ way out. It also decides which groups can be given back: only wholly free
 ones, and never group 0 while awake (it holds the null block, which padded
 block-table slots read).
 
-A group's life: ``unmapped -> mapped -> retiring -> unmapped``. ``retiring``
-covers the time between taking a group's blocks out of the free queue and
-the GPU being done with them (the caller's fence); its pages go back to gpud
-only after ``retired``.
+A group's life: ``unmapped -> growing -> mapped -> retiring -> unmapped``.
+``growing`` covers the time while its pages are being asked from gpud and
+mapped off the scheduler's thread (``grow_into``, then ``mapped`` or
+``growth_failed``); ``retiring`` the time between taking a group's blocks
+out of the free queue and the GPU being done with them (the caller's
+fence); its pages go back to gpud only after ``retired``.
 
 This module must never import torch, vLLM, CUDA or sockets: it is tested on
 data with hypothesis (tests/test_kvplugin_book.py).
@@ -33,6 +35,7 @@ class BookError(RuntimeError):
 
 class GroupState(enum.Enum):
     UNMAPPED = "unmapped"
+    GROWING = "growing"
     MAPPED = "mapped"
     RETIRING = "retiring"
 
@@ -71,7 +74,12 @@ class BlockBook:
     @property
     def held_groups(self) -> list[int]:
         """Groups whose pages this engine still holds (mapped or retiring)."""
-        return [g for g, s in enumerate(self.state) if s is not GroupState.UNMAPPED]
+        return [g for g, s in enumerate(self.state)
+                if s is GroupState.MAPPED or s is GroupState.RETIRING]
+
+    @property
+    def growing_groups(self) -> list[int]:
+        return self.groups(GroupState.GROWING)
 
     def usable(self, block: int) -> bool:
         g = self.geometry.group_of(block)
@@ -113,11 +121,31 @@ class BlockBook:
 
     # -- transitions -------------------------------------------------------------------
 
+    def grow_into(self, groups: Iterable[int]) -> list[int]:
+        """Unmapped groups whose pages are being asked for and mapped (off this thread)."""
+        out = list(groups)
+        for g in out:
+            if self.state[g] is not GroupState.UNMAPPED:
+                raise BookError(f"page group {g} is {self.state[g].value}, not unmapped")
+            if self.asleep:
+                raise BookError(f"page group {g} grown while the engine is asleep")
+        for g in out:
+            self.state[g] = GroupState.GROWING
+        return out
+
+    def growth_failed(self, groups: Iterable[int]) -> None:
+        """gpud lent too little for ``groups``: they are unmapped again."""
+        for g in groups:
+            if self.state[g] is not GroupState.GROWING:
+                raise BookError(f"page group {g} is {self.state[g].value}, not growing")
+            self.state[g] = GroupState.UNMAPPED
+
     def mapped(self, groups: Iterable[int]) -> list[int]:
-        """Record that ``groups`` are mapped now; returns their blocks that became free."""
+        """Record that ``groups`` (unmapped, or growing) are mapped now; returns their blocks
+        that became free."""
         fresh: list[int] = []
         for g in groups:
-            if self.state[g] is not GroupState.UNMAPPED:
+            if self.state[g] not in (GroupState.UNMAPPED, GroupState.GROWING):
                 raise BookError(f"page group {g} is {self.state[g].value}, not unmapped")
             if self.asleep:
                 raise BookError(f"page group {g} mapped while the engine is asleep")
@@ -194,6 +222,8 @@ class BlockBook:
                 f"{len(self._used)} blocks are still in use at sleep "
                 f"(first: {sorted(self._used)[:8]}): vLLM should have aborted every request"
             )
+        if self.growing_groups:
+            raise BookError(f"page groups {self.growing_groups} are still growing at sleep")
         self.asleep = True
         return self.retire(self.mapped_groups)
 
@@ -201,7 +231,7 @@ class BlockBook:
         """After sleep: group 0 comes back first. Returns its blocks that became free."""
         if not self.asleep:
             raise BookError("wake without sleep")
-        if self.held_groups:
+        if self.held_groups or self.growing_groups:
             raise BookError(f"page groups {self.held_groups} were not unmapped at sleep")
         self.asleep = False
         return self.mapped([0])

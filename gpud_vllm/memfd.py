@@ -21,7 +21,7 @@ class MemfdGroupMapper:
         self.page_size = page_size
         self.scratch = mmap.mmap(-1, page_size)
         self.pages: list[dict[int, mmap.mmap]] = [{} for _ in range(num_tensors)]
-        self.syncs = 0
+        self.fences: list[object] = []  # the fences waited for, in order
 
     def map_group(self, group: int, fds: Sequence[int | None]) -> None:
         try:
@@ -49,8 +49,8 @@ class MemfdGroupMapper:
         for t in self.pages:
             t.pop(group).close()
 
-    def sync(self) -> None:
-        self.syncs += 1
+    def wait(self, fence: object) -> None:
+        self.fences.append(fence)
 
     def view(self, tensor: int, group: int) -> mmap.mmap:
         """The memory behind ``group`` in buffer ``tensor``: its page, or the scratch page."""

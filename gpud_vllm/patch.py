@@ -6,15 +6,16 @@ Patch points (KVPLUGIN.md section 2, vLLM 0.26.0 names):
      ``GPUModelRunner._allocate_kv_cache_tensors`` return tensors over reserved ranges
      (vLLM's own reshape then gives the stock layout, byte for byte).
   2. ``KVCacheCoordinator.__init__`` swaps its ``BlockPool`` for ``GpudBlockPool``.
-  3. ``KVCacheManager.allocate_slots``: when it finds too few free blocks, grow by page
-     groups and try again; the scheduler preempts only when gpud lends no more.
+  3. ``KVCacheManager.allocate_slots``: when it finds too few free blocks, ask for page
+     groups; wait for them only where vLLM would preempt (or idle), else a later step.
   4. Sleep: the "cumem" sleep-mode backend is replaced by a subclass that returns every
      page on suspend and takes group 0 back on resume.
   5. Capacity: none; gpud passes ``--kv-cache-memory-bytes`` = kv_max.
 Plus: ``EngineArgs.create_engine_config`` refuses out-of-scope setups in the API server
 before any engine starts, and ``EngineCoreProc`` steps run under the plugin's lock so
-that gpud's give-back requests (answered by a poller thread while the engine idles)
-never race the scheduler.
+that gpud's give-back requests (answered by the pool thread, ``gpud_vllm.lease``) never
+race the scheduler; after each step the plugin records the fence for idle-time give-backs,
+retires groups gpud asked for and takes in groups mapped ahead of need.
 
 Every vLLM name is looked up when its module is first imported (a post-import hook), so
 installing the patches imports nothing of vLLM's GPU stack in the API server. Only
@@ -28,7 +29,6 @@ import functools
 import importlib.abc
 import importlib.machinery
 import logging
-import select
 import sys
 import threading
 import time
@@ -43,9 +43,6 @@ from gpud_vllm.lease import PoolExhausted, PoolLink
 log = logging.getLogger("vllm.gpud_kv")  # under vLLM's logger: its handlers, its format
 
 Hook = Callable[[ModuleType], None]
-
-# When the block pool must grow, it asks for at least this share of what it has mapped.
-GROW_AHEAD_NUM, GROW_AHEAD_DEN = 1, 4
 
 # -- post-import hooks ---------------------------------------------------------------------
 
@@ -112,7 +109,8 @@ class _Plugin:
         self.tensors: list[Any] = []
         self.geometry: KVGeometry | None = None
         self.profiling = False
-        self._poller: threading.Thread | None = None
+        self.engine_thread: int | None = None
+        self.last_step: Any = None  # a CUDA event recorded after the latest engine step
 
     def allocate(self, kv_cache_config: Any, device: Any) -> dict[str, Any]:
         """``{layer: int8 tensor}`` over gpud's pages, for either model runner."""
@@ -140,35 +138,49 @@ class _Plugin:
         index = device.index if device.index is not None else torch.cuda.current_device()
         client = KVPoolClient.from_env(on_give_back=self._give_back)
         mapper = CudaGroupMapper(geometry, index)
-        link = PoolLink(geometry, client, mapper)
-        link.start()
+        self.engine_thread = threading.get_ident()
+        link = PoolLink(geometry, client, mapper, lock=self.lock, fence=self._fence)
+        link.start()  # group 0 now; the pool thread answers gpud from here on
         self.link, self.mapper, self.geometry = link, mapper, geometry
         self.tensors = mapper.tensors(device)
         log.info(
-            "gpud-kv: KV cache on gpud's pool (model %s, %s): %s",
-            client.tenant, client.backend, geometry.describe(),
+            "gpud-kv: KV cache on gpud's pool (model %s, %s): %s; growth ahead of need: %s",
+            client.tenant, client.backend, geometry.describe(), link.growth,
         )
-        self._poller = threading.Thread(target=self._poll, name="gpud-kv-poll", daemon=True)
-        self._poller.start()
 
     def _give_back(self, n: int) -> list[int]:
         assert self.link is not None
         return self.link.handle_give_back(n)
 
-    def _poll(self) -> None:
-        """Answer gpud's give-back requests while EngineCore waits for work."""
+    def _fence(self) -> Any:
+        """A CUDA event after every KV write launched so far: recorded now on the engine's
+        stream (vLLM's, current on its thread), else the one after its latest step (no
+        step runs while another thread holds the plugin lock)."""
+        if threading.get_ident() == self.engine_thread:
+            import torch
+
+            event = torch.cuda.Event()
+            event.record()
+            return event
+        return self.last_step
+
+    def after_step(self) -> None:
+        """After each engine step (under the lock): the fence for idle-time give-backs,
+        gpud's pending asks, groups the pool thread mapped meanwhile."""
         link = self.link
-        assert link is not None
-        client: Any = link.client
-        while True:
-            try:
-                ready, _, _ = select.select([client.fileno()], [], [], 1.0)
-                if ready:
-                    with self.lock:
-                        client.poll(0)
-            except Exception as e:  # a broken pool link must be loud, not a silent thread
-                log.error("gpud-kv: the connection to gpud's KV pool broke: %s", e)
-                return
+        if link is None:
+            return
+        import torch
+
+        event = torch.cuda.Event()
+        event.record()
+        self.last_step = event
+        link.service()
+        link.absorb()
+        stats, now = link.stats, time.monotonic()
+        if stats.grants and now - stats.last_logged >= 10.0:
+            stats.last_logged = now
+            log.info("gpud-kv: %s; %s", stats.line(), link.summary())
 
     def sleep(self) -> None:
         with self.lock:
@@ -176,12 +188,10 @@ class _Plugin:
                 pages = self.link.sleep()
                 log.info("gpud-kv: sleep returned %d pages to gpud", pages)
 
-    def wake(self, pool: Any) -> None:
+    def wake(self) -> None:
         with self.lock:
             if self.link is not None and self.link.book.asleep:
-                fresh = self.link.wake()
-                if pool is not None:
-                    pool.add_free(fresh)
+                self.link.wake()  # its blocks reach the block pool through on_fresh
                 log.info("gpud-kv: wake took page group 0 back")
 
 
@@ -281,19 +291,17 @@ def _make_block_pool(mod: ModuleType) -> type:
             self.link = link
             for b in self.blocks:
                 b.prev_free_block = b.next_free_block = None
+            link.absorb()
             self.free_block_queue = FreeKVCacheBlockQueue(
                 [self.blocks[i] for i in link.book.free_ids()]
             )
             link.on_retire = self._retire
+            link.on_fresh = self.add_free
+            link.keep_ahead(self.free_block_queue.num_free_blocks)
 
         def add_free(self, block_ids: list[int]) -> None:
             """Newly mapped blocks: at the front, so they are used before cached ones."""
             self.free_block_queue.prepend_n([self.blocks[i] for i in block_ids])
-
-        def grow(self, groups: int) -> int:
-            fresh = self.link.grow(groups)
-            self.add_free(fresh)
-            return len(fresh)
 
         def _retire(self, block_ids: list[int]) -> None:
             for i in block_ids:
@@ -301,34 +309,42 @@ def _make_block_pool(mod: ModuleType) -> type:
                 self._maybe_evict_cached_block(block)
                 self.free_block_queue.remove(block)
 
-        def _cached_at_front(self, n: int) -> int:
-            """How many of the next ``n`` blocks vLLM would take still hold prefix cache."""
+        def fresh_ahead(self, limit: int) -> int:
+            """Never-cached blocks at the front of the free queue, counting up to ``limit``
+            (vLLM takes these before it evicts a cached block)."""
             q, count = self.free_block_queue, 0
             block = q.fake_free_list_head.next_free_block
-            while n > 0 and block is not None and block is not q.fake_free_list_tail:
+            while count < limit and block is not None and block is not q.fake_free_list_tail:
                 if block.block_hash is not None:
-                    count += 1
-                block, n = block.next_free_block, n - 1
+                    break
+                block, count = block.next_free_block, count + 1
             return count
 
+        def get_num_free_blocks(self) -> int:
+            self.link.absorb()  # groups the pool thread mapped since the last look
+            return int(super().get_num_free_blocks())
+
+        def _keep_ahead(self) -> None:
+            free = self.free_block_queue.num_free_blocks
+            if not self.enable_caching:
+                self.link.keep_ahead(free)
+                return
+            # Stock vLLM has its whole budget mapped and evicts a cached block only when no
+            # never-used one is left; so grow (ahead of need) before cached blocks reach the
+            # front. The walk is capped; past the cap the free count decides.
+            cap = 512
+            fresh = self.fresh_ahead(cap)
+            self.link.keep_ahead(free if fresh >= cap else fresh)
+
         def get_new_blocks(self, num_blocks: int) -> list[Any]:
-            # Stock vLLM takes never-used blocks before it evicts cached ones, and its whole
-            # KV budget is mapped; here that means growing before evicting, while gpud lends.
-            short = num_blocks - self.get_num_free_blocks()
-            if self.enable_caching and self.link.can_grow():
-                short = max(short, self._cached_at_front(num_blocks))
-            if short > 0:
-                # A quarter more than mapped now, at least what is short: a burst pays one
-                # round trip to gpud per step of growth, not one per page group.
-                ahead = -(-len(self.link.book.mapped_groups) * GROW_AHEAD_NUM // GROW_AHEAD_DEN)
-                self.grow(max(self.link.geometry.groups_for(short), ahead))
-                if num_blocks > self.get_num_free_blocks():  # gpud lent too little
-                    raise PoolExhausted(
-                        f"{num_blocks} blocks wanted, {self.get_num_free_blocks()} mapped free: "
-                        f"{self.link.last_refusal}"
-                    )
+            if num_blocks > self.get_num_free_blocks():
+                raise PoolExhausted(
+                    f"{num_blocks} blocks wanted, {self.get_num_free_blocks()} mapped free: "
+                    f"{self.link.last_refusal}"
+                )
             blocks = super().get_new_blocks(num_blocks)
             self.link.book.take(b.block_id for b in blocks)
+            self._keep_ahead()
             return list(blocks)
 
         def touch(self, blocks: Sequence[Any]) -> None:
@@ -398,22 +414,46 @@ def _patch_allocate_slots(mod: ModuleType) -> None:
     original = cls.allocate_slots
 
     @functools.wraps(original)
-    def allocate_slots(self: Any, *args: Any, **kwargs: Any) -> Any:
+    def allocate_slots(self: Any, request: Any, num_new_tokens: int, *args: Any,
+                       **kwargs: Any) -> Any:
         pool = self.block_pool
         try:
-            out = original(self, *args, **kwargs)
-            step = 1
-            while out is None and hasattr(pool, "link") and pool.link.can_grow():
-                if not pool.grow(step):
-                    break
-                out = original(self, *args, **kwargs)
-                step *= 2
-            return out
+            out = original(self, request, num_new_tokens, *args, **kwargs)
+            link: PoolLink | None = getattr(pool, "link", None)
+            if out is not None or link is None:
+                return out
+            return _grow_for(self, link, request, num_new_tokens, kwargs,
+                             lambda: original(self, request, num_new_tokens, *args, **kwargs))
         except PoolExhausted as e:
             _exhausted.note(str(e))
             return None
 
     cls.allocate_slots = allocate_slots
+
+
+def _grow_for(manager: Any, link: PoolLink, request: Any, num_new_tokens: int,
+              kwargs: dict[str, Any], retry: Callable[[], Any]) -> Any:
+    """A request found too few mapped free blocks. Ask the pool thread for them (plus a step
+    ahead). Wait for them only where vLLM would otherwise preempt (a running request) or
+    sit idle (nothing scheduled); a waiting request just waits for a later step."""
+    size = link.geometry.block_size
+    lookahead = int(kwargs.get("num_lookahead_tokens", 0))
+    need = (-(-(num_new_tokens + lookahead) // size) + 1
+            + int(getattr(manager, "watermark_blocks", 0)) + int(kwargs.get("reserved_blocks", 0)))
+    link.short_by(need)
+    running = getattr(getattr(request, "status", None), "name", "") == "RUNNING"
+    if not (running or not kwargs.get("has_scheduled_reqs", True)
+            or link.book.used_blocks == 0):
+        return None
+    for _ in range(8):
+        if not link.growing:
+            return None
+        link.wait_growth()
+        out = retry()
+        if out is not None:
+            return out
+        link.short_by(need)
+    return None
 
 
 def _patch_sleep_backend(mod: ModuleType) -> None:
@@ -429,7 +469,7 @@ def _patch_sleep_backend(mod: ModuleType) -> None:
         def resume(self, tags: list[str] | None = None) -> None:
             super().resume(tags)
             if tags is None or "kv_cache" in tags:
-                plugin.wake(_pool_ref[0] if _pool_ref else None)
+                plugin.wake()
 
     mod.SleepModeBackendFactory._registry["cumem"] = lambda: GpudCuMemBackend
 
@@ -438,10 +478,15 @@ def _patch_engine_core(mod: ModuleType) -> None:
     cls = mod.EngineCoreProc
     for name in ("_process_engine_step", "_handle_client_request"):
         original = getattr(cls, name)
+        step = name == "_process_engine_step"
 
-        def locked(self: Any, *args: Any, __original: Any = original, **kwargs: Any) -> Any:
+        def locked(self: Any, *args: Any, __original: Any = original, __step: bool = step,
+                   **kwargs: Any) -> Any:
             with plugin.lock:
-                return __original(self, *args, **kwargs)
+                out = __original(self, *args, **kwargs)
+                if __step:
+                    plugin.after_step()
+                return out
 
         setattr(cls, name, functools.wraps(original)(locked))
 

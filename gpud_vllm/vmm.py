@@ -60,6 +60,7 @@ class CudaGroupMapper:
             raise
 
     def map_group(self, group: int, fds: Sequence[int | None]) -> None:
+        self.device.current()  # the pool thread's calls need the context too
         off = self.geometry.page_offset(group)
         todo = list(fds)
         done: list[Any] = []
@@ -91,12 +92,19 @@ class CudaGroupMapper:
             raise
 
     def unmap_group(self, group: int) -> None:
+        self.device.current()
         off = self.geometry.page_offset(group)
         for m in self.ranges:
             m.unmap(off)  # releases the imported handle: the page is gpud's again
             m.map_handle(off, self.scratch)
 
-    def sync(self) -> None:
+    def wait(self, fence: Any) -> None:
+        """Wait for the work a fence covers: a torch CUDA event recorded on the engine's
+        stream after the blocks left service. None (no step has run yet): the whole
+        context, as a last resort."""
+        if fence is not None:
+            fence.synchronize()
+            return
         from gpud.kvpool.cuda import check, driver
 
         self.device.current()

@@ -41,6 +41,20 @@ def test_give_back_only_wholly_free_groups_and_never_group_zero() -> None:
     assert book.groups(GroupState.UNMAPPED) == [2, 3, 4, 5]
 
 
+def test_a_growing_group_is_neither_free_nor_grown_twice() -> None:
+    book = BlockBook(GEO)
+    assert book.grow_into([1, 2]) == [1, 2]
+    assert book.unmapped_groups(2) == [3, 4] and book.free_blocks == 3
+    with pytest.raises(BookError, match="growing"):
+        book.take([5])
+    with pytest.raises(BookError, match="not unmapped"):
+        book.grow_into([2])
+    assert book.mapped([1]) == [4, 5, 6, 7]
+    book.growth_failed([2])
+    assert book.groups(GroupState.UNMAPPED) == [2, 3, 4, 5] and book.growing_groups == []
+    book.check()
+
+
 def test_last_group_may_be_partial() -> None:
     book = BlockBook(GEO)
     assert book.mapped([5]) == [20, 21]

