@@ -180,8 +180,10 @@ class Reconciler:
     """Owns instances, overrides and the schedule's view; executes plans."""
 
     def __init__(self, loaded: LoadedConfig, events: EventBus, *, state_dir: Path,
-                 runtime_dir: Path, clock: Callable[[], datetime] | None = None) -> None:
+                 runtime_dir: Path, clock: Callable[[], datetime] | None = None,
+                 mono: Callable[[], float] = time.monotonic) -> None:
         self.loaded = loaded
+        self._mono = mono  # the clock of traffic, backoff and demand (a fake one in tests)
         self.events = events
         self.state_dir = state_dir
         self.runtime_dir = runtime_dir
@@ -243,7 +245,7 @@ class Reconciler:
     # --- the layers (pure: gpud.desired.compose; expiry happens in the loop) --------------
 
     def layer_inputs(self, mono: float | None = None) -> LayerInputs:
-        mono = time.monotonic() if mono is None else mono
+        mono = self._mono() if mono is None else mono
         wall = time.time()
         awake_since = {i.model: mono - (wall - i.state_since) for i in self.instances.values()
                        if i.replica == 0 and i.state == State.AWAKE}
@@ -253,7 +255,7 @@ class Reconciler:
 
     def composed(self, now: datetime | None = None) -> Composed:
         return compose(self.config, self.schedule, self.layer_inputs(), now or self.now(),
-                       time.monotonic())
+                       self._mono())
 
     def active_profile(self, now: datetime) -> tuple[str | None, str]:
         """The profile in force and why (forced by an operator, or the schedule)."""
@@ -290,7 +292,7 @@ class Reconciler:
 
     def decide(self, now: datetime | None = None, mono: float | None = None) -> Decision:
         """What the loop would do now: the one pipeline (gpud.decide) on this loop's data."""
-        mono = time.monotonic() if mono is None else mono
+        mono = self._mono() if mono is None else mono
         memory = Memory(self.gpus, self._footprints) if self.gpus else None
         return decide(self.config, self.schedule, self.layer_inputs(mono), self.observed(),
                       now or self.now(), mono, memory)
@@ -339,7 +341,7 @@ class Reconciler:
         return out
 
     def pass_once(self) -> Plan:
-        t_pass = time.monotonic()
+        t_pass = self._mono()
         now = self.now()
         self.expire(now, t_pass)
         profile, why = self.active_profile(now)
@@ -358,7 +360,7 @@ class Reconciler:
         result = decision.plan
         self.last_plan = result
         self.last_decision = decision
-        mono = time.monotonic()
+        mono = self._mono()
         chains: dict[str, list[Action]] = {}
         for action in result.actions:
             chains.setdefault(action.model, []).append(action)
@@ -400,7 +402,7 @@ class Reconciler:
         for key in [k for k, i in self.instances.items()
                     if k not in desired and i.state == State.UNLOADED and k not in self._tasks]:
             del self.instances[key]
-        self.last_pass = time.monotonic()
+        self.last_pass = self._mono()
         self.last_pass_seconds = self.last_pass - t_pass
         self.pass_count += 1
         for hook in self.on_pass:
@@ -501,7 +503,7 @@ class Reconciler:
         """The fit check of one action outside a pass (wake-on-request's fast path)."""
         if not self.gpus:
             return FitResult(result.actions)
-        mono = time.monotonic()
+        mono = self._mono()
         busy = {k for k, i in self.instances.items()
                 if (t := self.traffic.get(i.model)) is not None and t.inflight}
         idle = {k: mono - t.last_request for k, i in self.instances.items()
@@ -705,10 +707,10 @@ class Reconciler:
             b.max_tries = engine.max_restarts
         else:
             b.max_tries = 0
-        return b.crashed(time.monotonic())
+        return b.crashed(self._mono())
 
     def _retry_in(self, inst: Instance, delay: float) -> None:
-        inst.retry_at = time.monotonic() + delay
+        inst.retry_at = self._mono() + delay
         asyncio.get_running_loop().call_later(delay, self.trigger)
 
     async def _warm_sleep(self, inst: Instance) -> None:
@@ -1029,7 +1031,7 @@ class Reconciler:
         now = self.now()
         profile, _ = self.active_profile(now)
         base = effective(self.config, Layers(profile=profile), now)
-        mono = time.monotonic()
+        mono = self._mono()
         views = []
         for key, d in base.items():
             if d.replica:
@@ -1192,7 +1194,7 @@ class Reconciler:
         if ov is not None:
             raise ModelUnavailable(f"model {model!r} is held {ov.state} by an operator "
                                    f"({ov.reason})", retry_after=60, code="model_held")
-        self.demand[model] = time.monotonic()
+        self.demand[model] = self._mono()
         self.events.publish("demand", model=model, reason="woken by a request")
         if not self._wake_now(model):
             self._urgent = True
@@ -1240,12 +1242,12 @@ class Reconciler:
         t = self.traffic.setdefault(model, ModelTraffic())
         t.inflight += 1
         t.requests += 1
-        t.last_request = time.monotonic()
+        t.last_request = self._mono()
 
     def request_finished(self, model: str) -> None:
         t = self.traffic.setdefault(model, ModelTraffic())
         t.inflight = max(0, t.inflight - 1)
-        t.last_request = time.monotonic()
+        t.last_request = self._mono()
 
     # --- status ---------------------------------------------------------------------------
 
@@ -1271,7 +1273,7 @@ class Reconciler:
             "replica": inst.replica,
             "layer": d.layer if d else None,
             "inflight": t.inflight,
-            "idle_seconds": round(time.monotonic() - t.last_request, 1) if t.last_request else None,
+            "idle_seconds": round(self._mono() - t.last_request, 1) if t.last_request else None,
             "last_error": inst.last_error,
             "state_since": datetime.fromtimestamp(inst.state_since).isoformat(timespec="seconds"),
             "uptime_seconds": round(time.time() - inst.started_at, 1) if inst.started_at
