@@ -354,7 +354,7 @@ class Daemon:
         await asyncio.to_thread(self.save_last_good)
         self._start_timer()
         interval = self.notifier.watchdog_interval()
-        self.reconciler.max_tick = interval  # a pass at least every ping interval
+        self.reconciler.set_max_tick(interval)  # a pass at least every ping interval
         tasks = [
             asyncio.create_task(self.reconciler.run(), name="reconcile"),
             asyncio.create_task(self._policies(), name="policies"),
@@ -500,7 +500,7 @@ class Daemon:
             try:
                 mem = await asyncio.to_thread(measure, engines_of(self))
                 self.memory, self.memory_at = mem, time.monotonic()
-                self.reconciler.gpus = gpus_from_measure(mem)
+                self.reconciler.set_gpus(gpus_from_measure(mem))
                 if self.reconciler.gpus:
                     self.reconciler.record_footprints(model_bytes(mem))
             except Exception:  # memory figures are best effort
@@ -513,7 +513,7 @@ class Daemon:
         while True:
             pcfg = self.loaded.config.policies
             if not pcfg.enabled or not pcfg.dir.is_dir():
-                self.reconciler.policy_status = []
+                self.reconciler.set_policy_status([])
                 self.reconciler.set_policy_intents([])
                 await asyncio.sleep(pcfg.interval.total_seconds())
                 continue
@@ -535,7 +535,7 @@ class Daemon:
         view = self.reconciler.policy_view()
         intents, statuses = await asyncio.to_thread(runner.evaluate, view)
         before = {p["name"]: p.get("error") for p in self.reconciler.policy_status}
-        self.reconciler.policy_status = [st.as_dict() for st in statuses]
+        self.reconciler.set_policy_status([st.as_dict() for st in statuses])
         for st in self.reconciler.policy_status:
             if st.get("error") and before.get(st["name"]) != st["error"]:
                 log.error("policy %s disabled: %s", st["name"], st["error"])

@@ -91,7 +91,8 @@ class Reconciler(EngineOps, Observation, ProxyBackend, Views):
         self.pass_count = 0
         self.last_plan: Plan = Plan()
         self.last_decision: Decision | None = None
-        self.stalled = False  # set by tests/admin to prove the watchdog watches the loop
+        # Run before each pass; the test backend's stall hook (GPUD_TEST_HOOKS) blocks here.
+        self.before_pass: list[Callable[[], None]] = []
         self._clock = clock or (lambda: datetime.now(zone_of(self.loaded.config)))
         self._trigger = asyncio.Event()
         self._urgent = False  # the next pass serves a waiting request: skip observe()
@@ -116,6 +117,17 @@ class Reconciler(EngineOps, Observation, ProxyBackend, Views):
         self.loaded = loaded
         self.schedule = schedule_of(loaded.config.schedule, zone_of(loaded.config))
         self._routes_key = None
+
+    def set_max_tick(self, seconds: float | None) -> None:
+        """The systemd watchdog needs a completed pass at least this often."""
+        self.max_tick = seconds
+
+    def set_gpus(self, gpus: dict[int, GpuMemory]) -> None:
+        """GPU memory as NVML measured it (empty without NVML): the fit check's input."""
+        self.gpus = gpus
+
+    def set_policy_status(self, status: list[dict[str, Any]]) -> None:
+        self.policy_status = status
 
     def set_config(self, loaded: LoadedConfig) -> None:
         self._apply_config(loaded)
@@ -197,8 +209,8 @@ class Reconciler(EngineOps, Observation, ProxyBackend, Views):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._trigger.wait(), timeout=tick)
             self._trigger.clear()
-            while self.stalled:  # a test hook: a stuck loop must stop the watchdog pings
-                time.sleep(0.05)
+            for hook in self.before_pass:
+                hook()
             try:
                 # A request waits on this pass (wake-on-request): plan at once. Asking every
                 # engine /is_sleeping first would add a round trip to that request's first

@@ -12,6 +12,7 @@ import collections
 import hmac
 import ipaddress
 import json
+import time
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -256,7 +257,11 @@ async def events(request: web.Request) -> web.StreamResponse:
 async def debug_stall(request: web.Request) -> web.Response:
     """Test hook (GPUD_TEST_HOOKS=1 only): block the reconcile loop to prove the watchdog."""
     d = _daemon(request)
-    d.reconciler.stalled = True
+    def stall() -> None:  # blocks the loop's thread, as a stuck pass would
+        while True:
+            time.sleep(0.05)
+
+    d.reconciler.before_pass.append(stall)
     d.reconciler.trigger()
     return web.json_response({"ok": True})
 
