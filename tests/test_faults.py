@@ -12,6 +12,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -52,6 +53,8 @@ def test_an_invalid_file_at_start_runs_on_the_last_good_one_and_says_why(tmp_pat
     assert "gpud.toml:8:1: models.x.source:" in cfg["error"]
     out = g.cli("status").stdout
     assert f"config {good} LAST GOOD (the file is invalid)" in out and "models.x.source" in out
+    with urllib.request.urlopen(g.url + "/", timeout=5) as page:
+        assert "The file is invalid" in page.read().decode()
     with open(g.log) as f:
         journal = f.read()
     assert "is invalid; running on the last good config (revision" in journal
