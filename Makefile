@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 VLLM_VENV := .venv-vllm
 VLLM_VERSION := 0.32.0
-APT_PACKAGES := chromium lintian debhelper dpkg-dev systemd dbus util-linux rpm
+APT_PACKAGES := chromium lintian debhelper dpkg-dev systemd dbus util-linux rpm nginx-light
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .PHONY: setup demo test lint test-core test-slow deb bench clean

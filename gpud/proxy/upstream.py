@@ -3,9 +3,10 @@
 Why not aiohttp's ClientSession: on the proxy's hot path it cost about half
 of gpud's added latency (cookie, auth, redirect, tracing and URL machinery
 that a loopback hop to our own engine never uses); see
-bench/proxy_overhead.py. This client speaks exactly what vLLM's uvicorn
-answers (Content-Length or chunked bodies, keep-alive) over plain TCP, with
-a pool of idle connections per engine and read-side flow control.
+bench/proxy_overhead.py. This client speaks what vLLM's uvicorn answers
+(Content-Length or chunked bodies, keep-alive) over plain TCP or a Unix
+socket, with a pool of idle connections per engine and read-side flow
+control; the framing itself is llhttp's (Node's parser, via `httptools`).
 
 It must never follow redirects, speak TLS, or be pointed at anything but an
 engine that gpud started.
@@ -17,9 +18,10 @@ import asyncio
 import collections
 from typing import Final
 
+import httptools
+
 _HIGH_WATER: Final = 256 * 1024  # pause reading the engine beyond this many unread bytes
-_LOW_WATER: Final = 64 * 1024
-_MAX_HEAD: Final = 64 * 1024
+_MAX_HEAD: Final = 64 * 1024  # an engine's response head is a few hundred bytes
 
 
 class UpstreamError(ConnectionError):
@@ -31,26 +33,29 @@ class UpstreamDisconnected(UpstreamError):
 
 
 class _Conn(asyncio.Protocol):
-    """One connection to an engine; carries one request at a time."""
+    """One connection to an engine; carries one request at a time.
+
+    Framing is llhttp's (through `httptools`, as in uvicorn): Content-Length, chunked with
+    extensions and trailers, or a body until the engine closes.
+    """
 
     def __init__(self, pool: _HostPool) -> None:
         self.pool = pool
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.idle_since = 0.0
-        self._buf = bytearray()
+        self._parser = httptools.HttpResponseParser(self)
+        self._body: list[bytes] = []
+        self._buffered = 0  # bytes in _body
         self._waiter: asyncio.Future[None] | None = None
         self._paused = False
-        # Parser state of the current response.
+        # State of the current exchange.
         self.response: UpstreamResponse | None = None
         self._got_any = False
+        self._head_bytes = 0
         self._head_done = False
-        self._chunked = False
-        self._remaining = 0  # body bytes (Content-Length) or bytes of the current chunk
-        self._until_close = False
-        self._chunk_state = 0  # 0: size line next, 1: in data, 2: CRLF after data, 3: trailers
+        self._until_close = False  # no Content-Length, not chunked: the body ends at EOF
         self._eof = False
-        self._ready = 0  # chunked: bytes of de-framed data at the start of _buf
         self._error: BaseException | None = None
 
     # -- asyncio.Protocol ------------------------------------------------------
@@ -70,109 +75,59 @@ class _Conn(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._got_any = True
-        if self.response is None:
+        if self.response is None or self._eof:
             # Bytes outside any exchange: the engine broke protocol; drop the socket.
             self.abort()
             return
-        self._buf += data
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError as e:
+            self._fail(UpstreamError(f"engine sent bad HTTP: {e}"))
+            return
         if not self._head_done:
-            self._parse_head()
-        elif self._chunked:
-            self._parse_chunks()
-        if len(self._buf) > _HIGH_WATER and not self._paused and self.transport is not None:
+            self._head_bytes += len(data)  # all of it head so far
+            if self._head_bytes > _MAX_HEAD:
+                self._fail(UpstreamError("engine's response head is too large"))
+                return
+        if self._buffered > _HIGH_WATER and not self._paused and self.transport is not None:
             self._paused = True
             self.transport.pause_reading()
         self._wake()
 
-    # -- parsing -------------------------------------------------------------------
+    # -- httptools callbacks -------------------------------------------------------
 
-    def _parse_head(self) -> None:
-        buf = self._buf
-        end = buf.find(b"\r\n\r\n")
-        if end < 0:
-            if len(buf) > _MAX_HEAD:
-                self._fail(UpstreamError("engine's response head is too large"))
-            return
-        lines = bytes(buf[:end]).decode("latin-1").split("\r\n")
-        del buf[: end + 4]
-        status_line = lines[0].split(" ", 2)
+    def on_message_begin(self) -> None:
+        if self._head_done:  # a second answer to one request
+            raise httptools.HttpParserError("more than one response to one request")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        resp = self.response
+        if resp is not None and not self._head_done:  # trailers are not relayed
+            resp.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
+            resp.head_size += len(name) + len(value)
+            if resp.head_size > _MAX_HEAD:
+                raise httptools.HttpParserError("engine's response head is too large")
+
+    def on_headers_complete(self) -> None:
         resp = self.response
         assert resp is not None
-        try:
-            resp.status = int(status_line[1])
-        except (IndexError, ValueError):
-            self._fail(UpstreamError(f"engine answered a bad status line: {lines[0][:80]!r}"))
-            return
-        headers = resp.headers
-        for line in lines[1:]:
-            name, _, value = line.partition(":")
-            headers[name.strip().lower()] = value.strip()
-        te = headers.get("transfer-encoding")
-        if te is not None and "chunked" in te.lower():
-            self._chunked = True
-            self._chunk_state = 0
-        elif "content-length" in headers:
-            try:
-                self._remaining = int(headers["content-length"])
-            except ValueError:
-                self._fail(UpstreamError("engine answered a bad Content-Length"))
-                return
-            if self._remaining == 0 or resp.status in (204, 304):
-                self._eof = True
-        elif resp.status in (204, 304) or 100 <= resp.status < 200:
-            self._eof = True
-        else:
-            self._until_close = True
-        if headers.get("connection", "").lower() == "close":
-            resp.keep_alive = False
+        resp.status = self._parser.get_status_code()
+        resp.keep_alive = self._parser.should_keep_alive()
+        h = resp.headers
+        self._until_close = (
+            "content-length" not in h
+            and "chunked" not in h.get("transfer-encoding", "").lower()
+            and resp.status not in (204, 304)
+            and resp.status >= 200
+        )
         self._head_done = True
-        if self._chunked:
-            self._parse_chunks()
 
-    def _parse_chunks(self) -> None:
-        """Strip chunk framing in place: `_buf` is [_ready bytes of data][unparsed]."""
-        buf = self._buf
-        pos = self._ready
-        while pos < len(buf):
-            state = self._chunk_state
-            if state == 1:
-                take = min(self._remaining, len(buf) - pos)
-                pos += take
-                self._remaining -= take
-                if self._remaining:
-                    break
-                self._chunk_state = 2
-            elif state == 2:
-                if len(buf) - pos < 2:
-                    break
-                del buf[pos : pos + 2]
-                self._chunk_state = 0
-            elif state == 0:
-                nl = buf.find(b"\r\n", pos)
-                if nl < 0:
-                    break
-                size_text = bytes(buf[pos:nl]).split(b";", 1)[0].strip()
-                try:
-                    size = int(size_text, 16)
-                except ValueError:
-                    self._fail(UpstreamError("engine sent a bad chunk size"))
-                    return
-                del buf[pos : nl + 2]
-                if size == 0:
-                    self._chunk_state = 3
-                else:
-                    self._remaining = size
-                    self._chunk_state = 1
-            else:  # trailers, ended by an empty line
-                nl = buf.find(b"\r\n", pos)
-                if nl < 0:
-                    break
-                del buf[pos : nl + 2]
-                if nl == pos:
-                    self._eof = True
-                    del buf[pos:]
-                    break
-        self._ready = pos
+    def on_body(self, body: bytes) -> None:
+        self._body.append(body)
+        self._buffered += len(body)
+
+    def on_message_complete(self) -> None:
+        self._eof = True
 
     def _fail(self, exc: BaseException) -> None:
         self._error = exc
@@ -200,28 +155,14 @@ class _Conn(asyncio.Protocol):
             self._waiter = None
 
     def take(self) -> bytes:
-        """The body bytes parsed so far (and marks the end for Content-Length bodies)."""
-        buf = self._buf
-        if self._chunked:
-            n = self._ready
-            if not n:
-                return b""
-            data = bytes(buf[:n])
-            del buf[:n]
-            self._ready = 0
-        elif self._until_close:
-            data = bytes(buf)
-            buf.clear()
-        else:
-            n = min(self._remaining, len(buf))
-            if not n:
-                return b""
-            data = bytes(buf[:n])
-            del buf[:n]
-            self._remaining -= n
-            if not self._remaining:
-                self._eof = True
-        if self._paused and len(buf) < _LOW_WATER and self.transport is not None:
+        """The body bytes parsed so far."""
+        body = self._body
+        if not body:
+            return b""
+        data = body[0] if len(body) == 1 else b"".join(body)
+        body.clear()
+        self._buffered = 0
+        if self._paused and self.transport is not None:
             self._paused = False
             self.transport.resume_reading()
         return data
@@ -229,11 +170,9 @@ class _Conn(asyncio.Protocol):
     def start(self, resp: UpstreamResponse) -> None:
         self.response = resp
         self._got_any = False
+        self._head_bytes = 0
         self._head_done = False
-        self._chunked = False
         self._until_close = False
-        self._remaining = 0
-        self._ready = 0
         self._eof = False
         self._error = None
 
@@ -241,7 +180,7 @@ class _Conn(asyncio.Protocol):
         """The exchange ended cleanly: back to the pool, or closed."""
         resp = self.response
         self.response = None
-        if resp is None or self.closed or self._buf or not resp.keep_alive or self._until_close:
+        if resp is None or self.closed or not resp.keep_alive or self._until_close:
             self.abort()
         else:
             self.pool.put(self)
@@ -256,12 +195,13 @@ class _Conn(asyncio.Protocol):
 class UpstreamResponse:
     """An engine's answer: status and headers (lowercase names) then the body."""
 
-    __slots__ = ("_conn", "headers", "keep_alive", "status")
+    __slots__ = ("_conn", "head_size", "headers", "keep_alive", "status")
 
     def __init__(self, conn: _Conn) -> None:
         self._conn: _Conn | None = conn
         self.status = 0
         self.headers: dict[str, str] = {}
+        self.head_size = 0
         self.keep_alive = True
 
     async def _read_head(self) -> None:
