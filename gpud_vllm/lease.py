@@ -339,9 +339,16 @@ class PoolLink:
             self._cv.notify_all()
 
     def settle(self, timeout: float = 10.0) -> None:
-        """Wait until the pool thread has done everything posted, then absorb it."""
-        with self._cv:
-            self._cv.wait_for(lambda: self._busy == 0, timeout)
+        """Wait until the pool thread has done everything posted (answering gpud's asks
+        meanwhile, as the lock's holder), then absorb it."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self.service()
+            with self._cv:
+                left = deadline - time.monotonic()
+                if self._busy == 0 or left <= 0:
+                    break
+                self._cv.wait(min(left, 0.05))
         self.absorb()
 
     def trim(self, keep_groups: int = 1) -> int:
