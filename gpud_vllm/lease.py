@@ -114,14 +114,16 @@ class GroupMapper(Protocol):
 class Growth:
     """How far ahead of need the engine keeps mapped free blocks (in page groups)."""
 
+    # Mapped-but-free groups cost nothing while no other model needs them, and gpud takes
+    # wholly free groups back when one does; a burst that finds them mapped does not wait.
     #: Grow when fewer fresh blocks than this many groups' worth are mapped and free ...
-    low_groups: int = 2
+    low_groups: int = 8
     #: ... or fewer than this share of what is mapped.
-    low_share: float = 1 / 8
+    low_share: float = 1 / 4
     #: Each growth asks for at least this many groups ...
-    step_groups: int = 4
+    step_groups: int = 8
     #: ... and at least this share of what is mapped (a burst ramps up geometrically).
-    step_share: float = 1 / 4
+    step_share: float = 1 / 2
 
     def low_blocks(self, mapped_groups: int, blocks_per_group: int) -> int:
         return max(self.low_groups, int(mapped_groups * self.low_share)) * blocks_per_group
@@ -339,9 +341,16 @@ class PoolLink:
             self._cv.notify_all()
 
     def settle(self, timeout: float = 10.0) -> None:
-        """Wait until the pool thread has done everything posted, then absorb it."""
-        with self._cv:
-            self._cv.wait_for(lambda: self._busy == 0, timeout)
+        """Wait until the pool thread has done everything posted (answering gpud's asks
+        meanwhile, as the lock's holder), then absorb it."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self.service()
+            with self._cv:
+                left = deadline - time.monotonic()
+                if self._busy == 0 or left <= 0:
+                    break
+                self._cv.wait(min(left, 0.05))
         self.absorb()
 
     def trim(self, keep_groups: int = 1) -> int:

