@@ -32,7 +32,7 @@ def make_file(models: int = 50, profiles: int = 10) -> str:
     for i in range(models):
         state = ("awake", "asleep", "unloaded")[i % 3]
         lines.append(
-            f'[models.m{i:02d}]\nsource = "/models/m{i:02d}"\ngpu = {i % 4}\nstate = "{state}"\n'
+            f'[models.m{i:02d}]\nsource = "models/m{i:02d}"\ngpu = {i % 4}\nstate = "{state}"\n'
             f'max_model_len = 8192\nkv_cache = "2GiB"\npriority = {i}\n'
             f'idle_sleep_after = "15m"\nargs = ["--enable-prefix-caching"]\n')
     for p in range(profiles):

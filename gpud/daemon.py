@@ -20,7 +20,14 @@ from typing import Any
 from aiohttp import web
 
 from gpud import __version__, dirlock, lastgood
-from gpud.config import EMBEDDED_DEFAULT, ConfigError, LoadedConfig, load_config
+from gpud.config import (
+    EMBEDDED_DEFAULT,
+    ConfigError,
+    EmptyConfigError,
+    LoadedConfig,
+    load_config,
+    reload_effects,
+)
 from gpud.config.load import DEFAULT_PATH
 from gpud.events import EventBus
 from gpud.reconcile import Reconciler
@@ -127,6 +134,15 @@ class Daemon:
 
     async def reload(self, source: str) -> dict[str, Any]:
         """Validate, then swap. An invalid file changes nothing but the reported error."""
+        try:
+            return await self._reload(source)
+        except Exception as exc:  # a bug, not a bad file: the watcher and the API outlive it
+            log.exception("config reload (%s) failed", source)
+            self.config_error = f"reload failed: {type(exc).__name__}: {exc}"
+            return {"valid": False, "changed": False, "revision": self.loaded.revision,
+                    "error": self.config_error}
+
+    async def _reload(self, source: str) -> dict[str, Any]:
         async with self._reload_lock:
             announced = self._announced
             if announced:
@@ -136,8 +152,10 @@ class Daemon:
                     new = await asyncio.to_thread(load_config, self.config_path)
                 except ConfigError as exc:
                     self.config_error = str(exc)
-                    log.error("config reload (%s) refused; still running revision %s:\n%s",
-                              source, self.loaded.revision, exc)
+                    # An empty file is most often a save caught halfway: a warning, not an error.
+                    log.log(logging.WARNING if isinstance(exc, EmptyConfigError) else
+                            logging.ERROR, "config reload (%s) refused; still running "
+                            "revision %s:\n%s", source, self.loaded.revision, exc)
                     self.events.publish("config", valid=False, error=self.config_error,
                                         revision=self.loaded.revision, source=source)
                     return {"valid": False, "changed": False, "revision": self.loaded.revision,
@@ -150,15 +168,16 @@ class Daemon:
                     return {"valid": True, "changed": False, "revision": new.revision,
                             "error": None}
                 old = self.loaded.revision
+                effects = reload_effects(self.loaded.config, new.config)
                 self.loaded = new
-                await self._sync_kvpool()  # before the reconciler starts any new pool engine
-                self.reconciler.set_config(new)
-                self.admin_token = self._read_admin_token()
-                if self.proxy is not None:
-                    self.proxy.set_keys(self._keyring())
-                await asyncio.to_thread(self.save_last_good)
-                await self._follow_listen()
+                try:
+                    await self._apply(new)
+                except Exception:  # the watcher and SIGHUP must survive a bug in applying
+                    log.exception("config reload (%s): applying revision %s failed", source,
+                                  new.revision)
                 log.info("config reloaded (%s): revision %s -> %s", source, old, new.revision)
+                for line in effects:
+                    log.warning("config reload (%s): %s", source, line)
                 self.events.publish("config", valid=True, revision=new.revision, previous=old,
                                     source=source)
                 return {"valid": True, "changed": True, "revision": new.revision, "error": None}
@@ -182,6 +201,15 @@ class Daemon:
         else:
             self.listen_problem = f"{why}; still listening on {self.listening}"
             log.error("listen change refused: %s", self.listen_problem)
+
+    async def _apply(self, new: LoadedConfig) -> None:
+        await self._sync_kvpool()  # before the reconciler starts any new pool engine
+        self.reconciler.set_config(new)
+        self.admin_token = self._read_admin_token()
+        if self.proxy is not None:
+            self.proxy.set_keys(self._keyring())
+        await asyncio.to_thread(self.save_last_good)
+        await self._follow_listen()
 
     def _keyring(self) -> Any:
         from gpud.proxy.auth import ApiKey, KeyRing

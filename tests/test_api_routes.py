@@ -44,7 +44,7 @@ timezone = "UTC"
 command = ["/nonexistent/vllm", "serve"]
 
 [models.chat]
-source = "/nonexistent/chat"
+source = "nonexistent/chat"
 state = "unloaded"
 
 [profiles.day]

@@ -47,17 +47,17 @@ def test_shipped_file_is_valid() -> None:
 
 def test_dropins_merge_in_name_order_and_conflicts_are_errors(tmp_path: Path) -> None:
     main = tmp_path / "gpud.toml"
-    main.write_text('[models.chat]\nsource = "/m/chat"\n')
+    main.write_text('[models.chat]\nsource = "m/chat"\n')
     d = tmp_path / "gpud.d"
     d.mkdir()
-    (d / "10-batch.toml").write_text('[models.batch]\nsource = "/m/batch"\nstate = "asleep"\n')
+    (d / "10-batch.toml").write_text('[models.batch]\nsource = "m/batch"\nstate = "asleep"\n')
     (d / "20-sched.toml").write_text(
         '[profiles.night]\nbatch = "awake"\n[[schedule]]\nprofile = "night"\n'
         'when = "22:00-06:00"\n')
     loaded = load_config(main)
     assert set(loaded.config.models) == {"chat", "batch"}
     assert [s.path.name for s in loaded.sources] == ["gpud.toml", "10-batch.toml", "20-sched.toml"]
-    (d / "30-conflict.toml").write_text('[models.chat]\n\nsource = "/elsewhere"\n')
+    (d / "30-conflict.toml").write_text('[models.chat]\n\nsource = "org/elsewhere"\n')
     with pytest.raises(ConfigError) as err:
         load_config(main)
     msg = str(err.value)
@@ -79,11 +79,11 @@ def test_env_overrides_daemon_settings_only(
 
 def test_identical_file_same_revision(tmp_path: Path) -> None:
     path = tmp_path / "gpud.toml"
-    path.write_text('[models.chat]\nsource = "/m/chat"\n')
+    path.write_text('[models.chat]\nsource = "m/chat"\n')
     a = load_config(path).revision
-    path.write_text('[models.chat]\nsource = "/m/chat"\n')
+    path.write_text('[models.chat]\nsource = "m/chat"\n')
     assert load_config(path).revision == a
-    path.write_text('[models.chat]\nsource = "/m/chat2"\n')
+    path.write_text('[models.chat]\nsource = "m/chat2"\n')
     assert load_config(path).revision != a
 
 
@@ -92,7 +92,7 @@ def test_key_file_readable_by_others_is_refused(tmp_path: Path) -> None:
     key.write_text("sk-secret\n")
     os.chmod(key, 0o644)
     path = tmp_path / "gpud.toml"
-    path.write_text(f'[models.chat]\nsource = "/m"\n\n[[auth.keys]]\nname = "support"\n'
+    path.write_text(f'[models.chat]\nsource = "org/m"\n\n[[auth.keys]]\nname = "support"\n'
                     f'key_file = "{key}"\nmodels = ["chat"]\n')
     result = gpud("check", str(path))
     assert result.returncode == 1
@@ -104,7 +104,7 @@ def test_key_file_readable_by_others_is_refused(tmp_path: Path) -> None:
 
 def test_every_error_is_reported_not_just_the_first(tmp_path: Path) -> None:
     path = tmp_path / "gpud.toml"
-    path.write_text('[models.a]\nsource = "/m"\nstate = "x"\nprority = 3\n')
+    path.write_text('[models.a]\nsource = "org/m"\nstate = "x"\nprority = 3\n')
     with pytest.raises(ConfigError) as err:
         load_config(path)
     keys = {e.key for e in err.value.errors}

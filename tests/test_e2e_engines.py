@@ -136,10 +136,12 @@ def test_kill9_of_gpud_then_a_new_gpud_adopts(box: Box) -> None:
 
 
 def test_a_model_that_cannot_start_fails_with_a_reason(box: Box) -> None:
+    empty = box.state / "not-a-model"  # exists (a missing path is refused at check time)
+    empty.mkdir(exist_ok=True)
     extra = ("[engines.once]\n" + "\n".join(
         line for line in box.config.read_text().split("[engines.vllm]\n", 1)[1]
         .split("\n\n", 1)[0].splitlines()) + "\nmax_restarts = 1\n\n"
-        "[models.ghost]\nsource = \"/nonexistent/model\"\nengine = \"once\"\n"
+        f"[models.ghost]\nsource = \"{empty}\"\nengine = \"once\"\n"
         "max_model_len = 256\n")
     box.write({"chat": "awake", "batch": "asleep"}, extra)
     ghost = wait_for(lambda: (m := box.gpud.models().get("ghost")) and m["state"] == "failed"

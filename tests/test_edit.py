@@ -104,7 +104,7 @@ def test_unset_removes_one_line(conf: Path) -> None:
 
 
 def test_new_model_and_inline_table_edits(conf: Path) -> None:
-    assert main(["set", "--file", str(conf), "--no-reload", "models.chat.source", "/m/chat"]) == 0
+    assert main(["set", "--file", str(conf), "--no-reload", "models.chat.source", "m/chat"]) == 0
     assert main(["set", "--file", str(conf), "--no-reload", "models.chat.state", "asleep"]) == 0
     assert main(["set", "--file", str(conf), "--no-reload", "profiles.day.chat",
                  '{ state = "awake", replicas = 2 }']) == 0

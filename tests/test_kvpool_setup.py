@@ -17,7 +17,7 @@ runtime_dir = "{root}/run"
 command = ["/nonexistent/vllm", "serve"]
 
 [models.chat]
-source = "/m/chat"
+source = "m/chat"
 gpu = 0
 kv_min = "32MiB"
 kv_max = "64MiB"
@@ -27,7 +27,7 @@ priority = {priority}
 
 CODE = """
 [models.code]
-source = "/m/code"
+source = "m/code"
 gpu = 0
 kv_pool = true
 """

@@ -65,7 +65,7 @@ command = ["/nonexistent/vllm", "serve"]
 
 MODELS = """
 [models.chat]
-source = "/nonexistent/chat"
+source = "nonexistent/chat"
 state = "unloaded"
 
 [profiles.day]

@@ -13,9 +13,9 @@ FILE = """
 [daemon]
 timezone = "Europe/Paris"
 [models.chat]
-source = "/m/chat"
+source = "m/chat"
 [models.batch]
-source = "/m/batch"
+source = "m/batch"
 state = "asleep"
 [profiles.day]
 chat = "awake"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import logging
 import os
 import stat
 import tomllib
@@ -23,10 +24,15 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from gpud.config.engine_args import FORBIDDEN_ARGS, FORBIDDEN_ENV, option_name
 from gpud.config.locate import Locator
-from gpud.config.schema import GpudConfig
+from gpud.config.read import MAX_DEPTH, ReadProblem, decode, deepest, read_limited, too_deep
+from gpud.config.schema import MAX_ENTRIES, GpudConfig
+from gpud.config.units import shown
 
 DEFAULT_PATH = Path("/etc/gpud/gpud.toml")
 EMBEDDED_DEFAULT = Path(__file__).resolve().parent.parent / "data" / "default.toml"
+LOCAL_SOURCE = ("/", "./", "../", "~")  # a path; anything else may be a Hugging Face id
+
+log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ErrorItem:
@@ -52,6 +58,10 @@ class ConfigError(Exception):
     def __init__(self, errors: list[ErrorItem]) -> None:
         self.errors = errors
         super().__init__("\n".join(str(e) for e in errors))
+
+
+class EmptyConfigError(ConfigError):
+    """A file declares nothing: most often one caught mid-save (truncated, not yet written)."""
 
 
 @dataclass(frozen=True)
@@ -101,16 +111,18 @@ def key_path(loc: Iterable[str | int]) -> str:
 
 def _read(path: Path) -> Source:
     try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise ConfigError([ErrorItem(f"cannot read: {exc.strerror}", file=str(path))]) from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ConfigError([ErrorItem(f"not UTF-8 text ({exc.reason})", file=str(path))]) from None
+        text = decode(read_limited(path))
+        deep = too_deep(text)
+        if deep:
+            raise ReadProblem(f"brackets nested more than {MAX_DEPTH} deep; gpud's keys are "
+                              "never that deep", *deep)
+    except ReadProblem as exc:
+        raise ConfigError([ErrorItem(exc.message, file=str(path), line=exc.line,
+                                     col=exc.col)]) from None
     try:
         data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, ValueError, RecursionError) as exc:
+        # ValueError: an integer past Python's 4300-digit limit, raised by tomllib itself.
         msg = str(exc)
         line = col = 0
         if "(at line " in msg:
@@ -203,7 +215,7 @@ def _message(err: Mapping[str, Any]) -> str:
         listing = f" Allowed here: {', '.join(allowed)}." if allowed and not guess else ""
         return f"unknown key{hint}{listing}".replace("key Allowed", "key. Allowed")
     if kind == "literal_error":
-        return f"{err['msg'].replace('Input should be', 'must be')} (got {err['input']!r})"
+        return f"{err['msg'].replace('Input should be', 'must be')} (got {shown(err['input'])})"
     if kind == "missing":
         return "is required"
     msg = str(err["msg"])
@@ -211,7 +223,7 @@ def _message(err: Mapping[str, Any]) -> str:
         msg = msg.removeprefix(prefix)
     msg = msg.replace("Input should be", "must be")
     if kind.endswith("_type") or kind.startswith(("greater", "less")):
-        msg = f"{msg} (got {err.get('input')!r})"
+        msg = f"{msg} (got {shown(err.get('input'))})"
     return msg
 
 
@@ -279,6 +291,12 @@ def _cross_check(cfg: GpudConfig, loc: _Located, check_files: bool) -> list[Erro
             if var in FORBIDDEN_ENV:
                 errors.append(loc.error(("models", name, "env", var),
                     f"{var} is not allowed: gpud sets it itself ({FORBIDDEN_ENV[var]})"))
+    for kind, engine in cfg.engines.items():
+        for var in engine.env:
+            if var in FORBIDDEN_ENV:
+                errors.append(loc.error(("engines", kind, "env", var),
+                    f"{var} is not allowed: gpud sets it itself for each model "
+                    f"({FORBIDDEN_ENV[var]})"))
     for profile, entries in cfg.profiles.items():
         for model_name in entries:
             if model_name not in names:
@@ -303,7 +321,7 @@ def _cross_check(cfg: GpudConfig, loc: _Located, check_files: bool) -> list[Erro
                 errors.append(loc.error(("auth", "keys", i, "models"),
                     f"model {m!r} is not defined under [models]"))
         if check_files and key.key_file is not None:
-            key_problem = secret_file_problem(key.key_file)
+            key_problem = _secret_problem(key.key_file)
             if key_problem:
                 errors.append(loc.error(("auth", "keys", i, "key_file"), key_problem))
     for path_loc, path in (
@@ -311,10 +329,38 @@ def _cross_check(cfg: GpudConfig, loc: _Located, check_files: bool) -> list[Erro
         (("daemon", "admin_token_file"), cfg.daemon.admin_token_file),
     ):
         if check_files and path is not None:
-            file_problem = secret_file_problem(path)
+            file_problem = _secret_problem(path)
             if file_problem:
                 errors.append(loc.error(path_loc, file_problem))
+    if check_files:
+        errors += _missing_sources(cfg, loc)
     return errors
+
+
+def _missing_sources(cfg: GpudConfig, loc: _Located) -> list[ErrorItem]:
+    """A local path that is not there would replace a working engine with a crash loop."""
+    errors = []
+    for name, model in cfg.models.items():
+        if model.source.startswith(LOCAL_SOURCE):
+            where = Path(model.source).expanduser()
+            if not where.exists():
+                errors.append(loc.error(("models", name, "source"),
+                    f"{where} does not exist (a local source must; a Hugging Face id is "
+                    "written ORG/NAME)"))
+    return errors
+
+
+def _secret_problem(path: Path) -> str | None:
+    """secret_file_problem, and the file must hold something: an empty key matches nothing."""
+    problem = secret_file_problem(path)
+    if problem is not None:
+        return problem
+    try:
+        if not decode(read_limited(path, 64 * 1024)).strip():
+            return f"{path} is empty"
+    except ReadProblem as exc:
+        return f"{path} {exc.message}"
+    return None
 
 
 def secret_file_problem(path: Path) -> str | None:
@@ -361,19 +407,44 @@ def dropin_files(path: Path) -> list[Path]:
     d = path.parent / (path.stem + ".d")
     if not d.is_dir():
         return []
-    return sorted(p for p in d.iterdir() if p.suffix == ".toml" and p.is_file())
+    # A FIFO or device is listed so that reading it is refused by name, not skipped; a
+    # dangling symlink (an editor's lock file) is not a drop-in.
+    return sorted(p for p in d.iterdir() if p.suffix == ".toml" and p.exists()
+                  and not p.is_dir())
 
 
 def load_config(
     path: Path | None = None, *, check_files: bool = True
 ) -> LoadedConfig:
-    """Read, merge, validate and cross-check; raise ConfigError with every problem located."""
+    """Read, merge, validate and cross-check; raise ConfigError with every problem located.
+
+    Never raises anything else: every reload path (watcher, SIGHUP, the API, `gpud check`)
+    relies on that to report a bad file instead of dying on it.
+    """
+    try:
+        return _load(path, check_files)
+    except ConfigError:
+        raise
+    except Exception as exc:  # a value nobody bounded yet: refused and reported, never a crash
+        log.debug("config load failed unexpectedly", exc_info=True)
+        text = str(exc)
+        text = text if len(text) <= 300 else text[:299] + "…"
+        raise ConfigError([ErrorItem(f"cannot be checked ({type(exc).__name__}: {text})",
+                                     file=str(path or DEFAULT_PATH))]) from exc
+
+
+def _load(path: Path | None, check_files: bool) -> LoadedConfig:
     embedded = False
     if path is None:
         path = DEFAULT_PATH
         if not path.exists():
             path, embedded = EMBEDDED_DEFAULT, True
-    sources = [_read(path), *(_read(p) for p in ([] if embedded else dropin_files(path)))]
+    files = [path, *([] if embedded else dropin_files(path))]
+    if len(files) > MAX_ENTRIES:
+        raise ConfigError([ErrorItem(f"{len(files) - 1} drop-in files; at most "
+                                     f"{MAX_ENTRIES - 1} are read", file=str(files[1].parent))])
+    sources = [_read(p) for p in files]
+    _refuse_empty_and_deep(sources)
     located = _Located(sources)
     merged: dict[str, Any] = {}
     origin: dict[tuple[str, ...], Path] = {}
@@ -405,6 +476,21 @@ def load_config(
     for src in sources:
         digest.update(src.path.name.encode() + b"\0" + src.text.encode() + b"\0")
     return LoadedConfig(cfg, path, tuple(sources), digest.hexdigest()[:12], embedded)
+
+
+def _refuse_empty_and_deep(sources: list[Source]) -> None:
+    empty = [s for s in sources if not s.data]
+    if empty:
+        raise EmptyConfigError([ErrorItem(
+            f"declares nothing ({len(s.text.encode())} bytes, no keys): refused, as a file "
+            "caught mid-save would unload every model; to run with no models on purpose, "
+            "write `models = {}`", file=str(s.path)) for s in empty])
+    for s in sources:
+        depth, where = deepest(s.data)
+        if depth > MAX_DEPTH:
+            raise ConfigError([_Located([s]).error(
+                where[: MAX_DEPTH + 1],
+                f"nested {depth} levels deep; gpud's keys are at most {MAX_DEPTH}")])
 
 
 def _env_overrides() -> dict[str, Any]:

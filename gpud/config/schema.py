@@ -13,11 +13,27 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from gpud.config.units import Duration, Size
+from gpud.config.units import Duration, Size, between
 from gpud.states import DesiredState
 
 ModelState = DesiredState
 MODEL_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+
+# Counts past any real box: each bounds the work one config can ask of gpud (60,000 models
+# made every request scan them all).
+MAX_MODELS = 256
+MAX_ENTRIES = 256  # engines, profiles, schedule entries, args, env entries
+MAX_KEYS = 4096
+MAX_GPU = 255
+MAX_MODEL_LEN = 100_000_000  # tokens: ten times the longest context any model has today
+
+_ms = timedelta(milliseconds=1)
+_s = timedelta(seconds=1)
+# A loop interval of 0 spins a core; one of days makes gpud deaf to its own schedule.
+Interval = Annotated[Duration, between(100 * _ms, timedelta(minutes=10))]
+Timeout = Annotated[Duration, between(100 * _ms, timedelta(days=7))]
+Short = Annotated[Duration, between(None, timedelta(days=1))]
+Text = Annotated[str, Field(max_length=4096)]
 
 
 class Strict(BaseModel):
@@ -31,13 +47,13 @@ class DaemonConfig(Strict):
     state_dir: Path = Path("/var/lib/gpud")
     runtime_dir: Path = Path("/run/gpud")
     timezone: str | None = None
-    tick: Duration = timedelta(seconds=2)
+    tick: Interval = timedelta(seconds=2)
     port_range: str = "18000-18999"
     admin_token_file: Path | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     stop_engines_on_exit: bool | None = None
     gpu_headroom: Size = 1024**3
-    kv_idle_after: Duration = timedelta(seconds=30)
+    kv_idle_after: Short = timedelta(seconds=30)
 
     @field_validator("listen")
     @classmethod
@@ -93,15 +109,16 @@ class EngineConfig(Strict):
     """How to start one kind of engine; models name it with `engine = "NAME"`."""
 
     kind: Literal["vllm"] = "vllm"
-    command: list[str] = Field(default_factory=lambda: ["vllm", "serve"], min_length=1)
-    startup_timeout: Duration = timedelta(minutes=15)
-    stop_timeout: Duration = timedelta(seconds=30)
+    command: list[Text] = Field(default_factory=lambda: ["vllm", "serve"], min_length=1,
+                                max_length=MAX_ENTRIES)
+    startup_timeout: Timeout = timedelta(minutes=15)
+    stop_timeout: Short = timedelta(seconds=30)
     sleep_mode: bool = True
-    env: dict[str, str] = Field(default_factory=dict)
-    health_interval: Duration = timedelta(seconds=1)
-    max_restarts: int = Field(default=5, ge=0)
-    restart_backoff: Duration = timedelta(seconds=2)
-    restart_backoff_max: Duration = timedelta(minutes=5)
+    env: dict[str, Text] = Field(default_factory=dict, max_length=MAX_ENTRIES)
+    health_interval: Interval = timedelta(seconds=1)
+    max_restarts: int = Field(default=5, ge=0, le=1000)
+    restart_backoff: Short = timedelta(seconds=2)
+    restart_backoff_max: Short = timedelta(minutes=5)
     warm_sleep: bool = True
 
     @field_validator("command")
@@ -121,32 +138,34 @@ class EngineConfig(Strict):
 class ModelConfig(Strict):
     """One model: what to serve, where, and in which state by default."""
 
-    source: str = Field(min_length=1)
+    source: str = Field(min_length=1, max_length=4096)
     engine: str = "vllm"
-    gpu: int | None = Field(default=None, ge=0)
-    gpus: list[Annotated[int, Field(ge=0)]] | None = None
+    gpu: int | None = Field(default=None, ge=0, le=MAX_GPU)
+    gpus: list[Annotated[int, Field(ge=0, le=MAX_GPU)]] | None = Field(default=None,
+                                                                        max_length=64)
     replicas: int = Field(default=1, ge=0, le=64)
     state: ModelState = "awake"
     sleep_level: Literal[1, 2] = 1
-    max_model_len: int | None = Field(default=None, gt=0)
+    max_model_len: int | None = Field(default=None, gt=0, le=MAX_MODEL_LEN)
     kv_cache: Size | None = None
     kv_min: Size | None = None
     kv_max: Size | None = None
     kv_pool: bool = False
     gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1)
-    priority: int = 0
+    priority: int = Field(default=0, ge=-1_000_000, le=1_000_000)
     pinned: bool = False
-    idle_sleep_after: Duration | None = None
+    idle_sleep_after: Annotated[Duration, between(_s)] | None = None
     # None: as many as the engine batches (vLLM's --max-num-seqs in args, else its default).
-    max_concurrency: int | None = Field(default=None, ge=1)
-    max_queue: int = Field(default=256, ge=0)
-    request_timeout: Duration = timedelta(minutes=5)
+    max_concurrency: int | None = Field(default=None, ge=1, le=100_000)
+    max_queue: int = Field(default=256, ge=0, le=1_000_000)
+    request_timeout: Timeout = timedelta(minutes=5)
     load_on_demand: bool = False
-    aliases: list[str] = Field(default_factory=list)
-    args: list[str] = Field(default_factory=list)
-    env: dict[str, str] = Field(default_factory=dict)
+    aliases: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(
+        default_factory=list, max_length=64)
+    args: list[Text] = Field(default_factory=list, max_length=MAX_ENTRIES)
+    env: dict[str, Text] = Field(default_factory=dict, max_length=MAX_ENTRIES)
     port: int | None = Field(default=None, ge=1024, lt=65536)
-    drain_timeout: Duration = timedelta(seconds=60)
+    drain_timeout: Short = timedelta(seconds=60)
 
     @model_validator(mode="after")
     def _kv(self) -> ModelConfig:
@@ -171,8 +190,8 @@ class ProfileEntry(Strict):
 class ScheduleConfig(Strict):
     profile: str
     when: str
-    prewake: Duration = timedelta(0)
-    priority: int = 0
+    prewake: Short = timedelta(0)
+    priority: int = Field(default=0, ge=-1_000_000, le=1_000_000)
 
     @field_validator("when")
     @classmethod
@@ -186,15 +205,28 @@ class ScheduleConfig(Strict):
 class PoliciesConfig(Strict):
     dir: Path = Path("/etc/gpud/policies")
     enabled: bool = True
-    timeout: Duration = timedelta(milliseconds=200)
-    interval: Duration = timedelta(seconds=5)
+    timeout: Annotated[Duration, between(10 * _ms, timedelta(minutes=1))] = timedelta(
+        milliseconds=200)
+    interval: Interval = timedelta(seconds=5)
 
 
 class KeyConfig(Strict):
     name: str = Field(min_length=1)
     key_file: Path | None = None
-    key_hash: str | None = Field(default=None, pattern=r"^(sha256:)?[0-9a-f]{64}$")
-    models: list[str] | None = None
+    key_hash: str | None = None
+    models: list[str] | None = Field(default=None, max_length=MAX_MODELS)
+
+    @field_validator("key_hash")
+    @classmethod
+    def _hash(cls, value: str | None) -> str | None:
+        # Stored bare: the proxy compares 32 bytes, and "sha256:" once made every key 401.
+        if value is None:
+            return None
+        digest = value.strip().lower().removeprefix("sha256:")
+        if len(digest) != 64 or not set(digest) <= set("0123456789abcdef"):
+            raise ValueError("must be the sha256 of the key, 64 hex digits, optionally "
+                             "prefixed \"sha256:\" (make one with: printf %s \"$KEY\" | sha256sum)")
+        return digest
 
     @model_validator(mode="after")
     def _one_source(self) -> KeyConfig:
@@ -204,7 +236,7 @@ class KeyConfig(Strict):
 
 
 class AuthConfig(Strict):
-    keys: list[KeyConfig] = Field(default_factory=list)
+    keys: list[KeyConfig] = Field(default_factory=list, max_length=MAX_KEYS)
     admin_token_file: Path | None = None
 
 
@@ -221,12 +253,14 @@ class GpudConfig(Strict):
     """The whole desired-state file after drop-ins are merged."""
 
     daemon: DaemonConfig = Field(default_factory=DaemonConfig)
-    engines: dict[str, EngineConfig] = Field(default_factory=lambda: {"vllm": EngineConfig()})
+    engines: dict[str, EngineConfig] = Field(
+        default_factory=lambda: {"vllm": EngineConfig()}, max_length=MAX_ENTRIES)
     models: dict[Annotated[str, Field(pattern=MODEL_NAME)], ModelConfig] = Field(
-        default_factory=dict
+        default_factory=dict, max_length=MAX_MODELS
     )
-    profiles: dict[str, dict[str, ProfileValue]] = Field(default_factory=dict)
-    schedule: list[ScheduleConfig] = Field(default_factory=list)
+    profiles: dict[str, dict[str, ProfileValue]] = Field(default_factory=dict,
+                                                         max_length=MAX_ENTRIES)
+    schedule: list[ScheduleConfig] = Field(default_factory=list, max_length=MAX_ENTRIES)
     policies: PoliciesConfig = Field(default_factory=PoliciesConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
 

@@ -6,11 +6,16 @@ Pure: never does I/O.
 
 from __future__ import annotations
 
+import math
 import re
 from datetime import timedelta
 from typing import Annotated, Any
 
-from pydantic import BeforeValidator, PlainSerializer
+from pydantic import AfterValidator, BeforeValidator, PlainSerializer
+
+# Past these a value is a typo or an attack, never a setting (and `timedelta` overflows first).
+MAX_DURATION = timedelta(days=366)
+MAX_SIZE = 1024**5  # 1024TiB
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _DURATION_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -25,6 +30,15 @@ _SIZE_FACTOR = {
 }
 
 
+def shown(value: Any, limit: int = 40) -> str:
+    """A value as an error message quotes it: repr, cut to `limit` characters."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int past Python's digit limit for str()
+        return f"an integer of about {int(value.bit_length() * 0.30103)} digits"
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def parse_duration(value: Any) -> timedelta:
     """'90s', '15m', '1h30m', '500ms' or a number of seconds -> timedelta."""
     if isinstance(value, timedelta):
@@ -32,9 +46,7 @@ def parse_duration(value: Any) -> timedelta:
     if isinstance(value, bool):
         raise ValueError("expected a duration like \"90s\", \"15m\" or \"1h30m\"")
     if isinstance(value, int | float):
-        if value < 0:
-            raise ValueError("a duration cannot be negative")
-        return timedelta(seconds=value)
+        return _seconds(value, shown(value))
     if not isinstance(value, str):
         raise ValueError("expected a duration like \"90s\", \"15m\" or \"1h30m\"")
     text = value.strip().replace(" ", "")
@@ -49,7 +61,19 @@ def parse_duration(value: Any) -> timedelta:
             f"{value!r} is not a duration; write a number with a unit: "
             "ms, s, m, h or d (e.g. \"90s\", \"15m\", \"1h30m\")"
         )
-    return timedelta(seconds=total)
+    return _seconds(total, shown(value))
+
+
+def _seconds(value: float, shown: str) -> timedelta:
+    # Compared before any conversion: a huge int does not fit a float, inf not a timedelta.
+    if value != value or value in (math.inf, -math.inf):
+        raise ValueError(f"{shown} is not a finite duration")
+    if value < 0:
+        raise ValueError("a duration cannot be negative")
+    if value > MAX_DURATION.total_seconds():
+        raise ValueError(f"{shown} is longer than {format_duration(MAX_DURATION)}, "
+                         "the longest duration gpud accepts")
+    return timedelta(seconds=value)
 
 
 def format_duration(value: timedelta) -> str:
@@ -72,20 +96,27 @@ def parse_size(value: Any) -> int:
     if isinstance(value, bool):
         raise ValueError("expected a size like \"8GiB\" or \"512MiB\"")
     if isinstance(value, int):
-        if value < 0:
-            raise ValueError("a size cannot be negative")
-        return value
+        return _bytes(value, shown(value))
     if isinstance(value, str):
         match = _SIZE.match(value)
         if match:
             unit = (match.group(2) or "").lower()
             factor = _SIZE_FACTOR.get(unit)
             if factor is not None:
-                return int(float(match.group(1)) * factor)
+                return _bytes(float(match.group(1)) * factor, repr(value))
     raise ValueError(
         f"{value!r} is not a size; write a number with a unit: B, KiB, MiB, GiB, TiB "
         "(or KB, MB, GB for powers of ten), e.g. \"8GiB\""
     )
+
+
+def _bytes(value: float, shown: str) -> int:
+    if value < 0:
+        raise ValueError("a size cannot be negative")
+    if not value <= MAX_SIZE:  # also inf, from a float too long to hold
+        raise ValueError(f"{shown} is larger than {format_size(MAX_SIZE)}, "
+                         "the largest size gpud accepts")
+    return int(value)
 
 
 def format_size(value: int) -> str:
@@ -104,3 +135,18 @@ Duration = Annotated[
     PlainSerializer(format_duration, return_type=str),
 ]
 Size = Annotated[int, BeforeValidator(parse_size), PlainSerializer(format_size, return_type=str)]
+
+
+def between(least: timedelta | None = None, most: timedelta | None = None) -> AfterValidator:
+    """Bounds for one Duration setting: `Annotated[Duration, between(timedelta(seconds=1))]`."""
+
+    def bounded(value: timedelta) -> timedelta:
+        if least is not None and value < least:
+            raise ValueError(f"must be at least {format_duration(least)} "
+                             f"(got {format_duration(value)})")
+        if most is not None and value > most:
+            raise ValueError(f"must be at most {format_duration(most)} "
+                             f"(got {format_duration(value)})")
+        return value
+
+    return AfterValidator(bounded)
