@@ -15,7 +15,7 @@ import tomllib
 import types
 import typing
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -218,6 +218,11 @@ def _message(err: Mapping[str, Any]) -> str:
         return f"{err['msg'].replace('Input should be', 'must be')} (got {shown(err['input'])})"
     if kind == "missing":
         return "is required"
+    if kind == "too_long":
+        ctx = err.get("ctx", {})
+        got = err.get("input")
+        count = len(got) if isinstance(got, dict | list) else ctx.get("actual_length")
+        return f"at most {ctx.get('max_length')} entries (got {count})"
     msg = str(err["msg"])
     for prefix in ("Value error, ", "Assertion failed, "):
         msg = msg.removeprefix(prefix)
@@ -488,9 +493,9 @@ def _refuse_empty_and_deep(sources: list[Source]) -> None:
     for s in sources:
         depth, where = deepest(s.data)
         if depth > MAX_DEPTH:
-            raise ConfigError([_Located([s]).error(
-                where[: MAX_DEPTH + 1],
-                f"nested {depth} levels deep; gpud's keys are at most {MAX_DEPTH}")])
+            err = _Located([s]).error(
+                where, f"nested {depth} levels deep; gpud's keys are at most {MAX_DEPTH}")
+            raise ConfigError([replace(err, key=key_path(where[: MAX_DEPTH + 1]) + "…")])
 
 
 def _env_overrides() -> dict[str, Any]:

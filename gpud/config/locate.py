@@ -106,7 +106,9 @@ class Locator:
                     # [a.b] under an array of tables [[a]] refers to its last element.
                     if table[:1] and (table[0],) in counters and len(table) > 1:
                         table = (table[0], counters[(table[0],)], *table[1:])
-                    self.positions.setdefault(table, (lineno, col0 + 1))
+                    # [models.a] also places `models` (its first header), for errors on it.
+                    for length in range(1, len(table) + 1):
+                        self.positions.setdefault(table[:length], (lineno, col0 + 1))
                 continue
             parsed = _split_key(line, col0)
             if not parsed or parsed[1] >= len(line) or line[parsed[1]] != "=":
