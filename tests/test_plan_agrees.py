@@ -36,13 +36,13 @@ timezone = "Europe/Paris"
 command = ["/nonexistent/vllm", "serve"]
 
 [models.chat]
-source = "/nonexistent/chat"
+source = "nonexistent/chat"
 state = "asleep"
 [models.batch]
-source = "/nonexistent/batch"
+source = "nonexistent/batch"
 state = "asleep"
 [models.code]
-source = "/nonexistent/code"
+source = "nonexistent/code"
 state = "awake"
 
 [profiles.day]
