@@ -55,10 +55,14 @@ class ProxyBackend(LoopState):
                 if i.model == model and i.port and (
                     (i.state == State.AWAKE and i.awake.is_set()) or i.state == State.MOVING)]
 
-    async def ready_upstream(self, model: str) -> str:
+    def serving_upstream(self, model: str) -> str | None:
         ready = self._serving(model)
-        if ready:
-            return self._pick(model, ready)
+        return self._pick(model, ready) if ready else None
+
+    async def ready_upstream(self, model: str) -> str:
+        base = self.serving_upstream(model)
+        if base is not None:
+            return base
         await self._wake_flight.run(model, lambda: self._bring_up(model))
         ready = self._serving(model)
         if not ready:

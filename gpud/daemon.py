@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -341,7 +342,8 @@ class Daemon:
         from gpud.proxy.app import Proxy
         from gpud.web import api
 
-        self.proxy = Proxy(self.reconciler, keys=self._keyring())
+        # No disconnect sweep: the runner's handler_cancellation (below) does that.
+        self.proxy = Proxy(self.reconciler, keys=self._keyring(), disconnect_check=None)
         self.proxy.install(app)
         from gpud.web import metrics
 
@@ -602,6 +604,19 @@ def load_initial(path: Path | None) -> tuple[LoadedConfig, str | None]:
     return loaded, None
 
 
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop when GPUD_LOOP=uvloop and it is installed (`pip install gpud[uvloop]`);
+    asyncio's own loop otherwise (bench/proxy_daemon.py measures both)."""
+    if os.environ.get("GPUD_LOOP", "asyncio") != "uvloop":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        log.warning("GPUD_LOOP=uvloop but uvloop is not installed; using asyncio's loop")
+        return None
+    return uvloop.new_event_loop
+
 def run_daemon(path: Path | None, *, stop_engines_on_exit: bool | None = None) -> int:
     import faulthandler
 
@@ -623,6 +638,7 @@ def run_daemon(path: Path | None, *, stop_engines_on_exit: bool | None = None) -
             return 1
 
     t0 = time.monotonic()
-    code = asyncio.run(main())
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        code = runner.run(main())
     log.info("stopped after %.0fs", time.monotonic() - t0)
     return code

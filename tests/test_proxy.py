@@ -189,6 +189,11 @@ class FakeBackend:
     def reload(self, **changes: ModelRoute) -> None:
         self._routes = {**self._routes, **changes}  # a new mapping, as a config reload gives
 
+    def serving_upstream(self, model: str) -> str | None:
+        if model in self.unavailable or not self.awake[model]:
+            return None
+        return self.upstream
+
     async def ready_upstream(self, model: str) -> str:
         if model in self.unavailable:
             raise ModelUnavailable(self.unavailable[model], retry_after=7)

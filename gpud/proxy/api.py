@@ -62,6 +62,12 @@ class Backend(Protocol):
         """
         ...
 
+    def serving_upstream(self, model: str) -> str | None:
+        """Base URL of an engine that serves `model` this moment, or None (asleep,
+        loading, failed: the proxy then awaits `ready_upstream`). The per-request fast
+        path: a returned URL counts as one `ready_upstream` returned (released once)."""
+        ...
+
     async def ready_upstream(self, model: str) -> str:
         """Base URL of an engine that serves `model` now.
 

@@ -9,7 +9,8 @@ A client that goes away must stop the engine's work for it: that is the
 cancellation of the request's handler, which closes the engine socket.
 aiohttp cancels such a handler at once only on an
 `AppRunner(app, handler_cancellation=True)`; without it, the proxy's own
-sweep (`disconnect_check`, every second) finds the departed clients.
+sweep (`disconnect_check`, every second) finds the departed clients; the daemon
+runs with the former and passes `disconnect_check=None` (no sweep, no tracking).
 """
 
 from __future__ import annotations
@@ -180,7 +181,7 @@ class Proxy:
         *,
         keys: KeyRing | None = None,
         observer: ProxyObserver | None = None,
-        disconnect_check: float = 1.0,
+        disconnect_check: float | None = 1.0,
     ) -> None:
         self.backend = backend
         self.disconnect_check = disconnect_check
@@ -219,7 +220,7 @@ class Proxy:
     async def start(self) -> None:
         if self._client is None:
             self._client = UpstreamClient(keepalive=_UPSTREAM_KEEPALIVE)
-        if self._sweeper is None:
+        if self._sweeper is None and self.disconnect_check:
             self._sweeper = asyncio.create_task(self._sweep(), name="gpud-proxy-disconnects")
 
     async def close(self) -> None:
@@ -234,7 +235,7 @@ class Proxy:
     async def _sweep(self) -> None:
         """Cancel the handlers of clients that went away (see the module's docstring)."""
         while True:
-            await asyncio.sleep(self.disconnect_check)
+            await asyncio.sleep(self.disconnect_check or 1.0)
             for task, request in list(self._active.items()):
                 transport = request.transport
                 if transport is None or transport.is_closing():
@@ -340,9 +341,9 @@ class Proxy:
         t0 = time.perf_counter()
         observer = self.observer
         model = ""
-        task = asyncio.current_task()
-        assert task is not None
-        self._active[task] = request
+        task = asyncio.current_task() if self.disconnect_check else None
+        if task is not None:
+            self._active[task] = request
         marks: dict[str, Any] | None = None
         if self.timings is not None:
             marks = {"t0": t0, "at": time.time(), "path": path}
@@ -369,7 +370,8 @@ class Proxy:
             self._record(marks, 499)
             raise
         finally:
-            del self._active[task]
+            if task is not None:
+                del self._active[task]
         self._record(marks, resp.status)
         if observer is not None:
             observer.request_done(model, path, resp.status, time.perf_counter() - t0, ttft)
@@ -473,6 +475,26 @@ class Proxy:
         self, request: web.Request, path: str, body: bytes, route: ModelRoute, t0: float
     ) -> tuple[web.StreamResponse, float | None]:
         headers = _request_headers(request)
+        sent: asyncio.Future[UpstreamResponse] | None = None
+        base = self.backend.serving_upstream(route.name)
+        if base is None:  # asleep, loading, failed: wait (no timer, no task when awake)
+            got = await self._ready(request, path, body, headers, route, t0)
+            if isinstance(got, web.Response):
+                return got, None
+            base, sent = got
+        else:
+            _mark(request, "upstream_ready_ms")
+        try:
+            return await self._send(request, base, path, body, headers, route, t0, sent)
+        finally:
+            self.backend.upstream_released(route.name, base)
+
+    async def _ready(
+        self, request: web.Request, path: str, body: bytes, headers: bytes, route: ModelRoute,
+        t0: float,
+    ) -> tuple[str, asyncio.Future[UpstreamResponse] | None] | web.Response:
+        """An engine for a model that serves nowhere now: (its base URL, the request sent
+        to it ahead of the wake or None), or the error to answer."""
         # The request's whole wait (queue and wake) counts against request_timeout.
         remaining = max(route.request_timeout - (time.perf_counter() - t0), 0.0)
         early: str | None = None
@@ -486,19 +508,16 @@ class Proxy:
                 async with asyncio.timeout(remaining):
                     base = await self.backend.ready_upstream(route.name)
         except TimeoutError:
-            return self._timed_out(route, "a ready engine"), None
+            return self._timed_out(route, "a ready engine")
         except ModelUnavailable as e:
             return error_response(
                 503, e.reason, e.code, type_="service_unavailable", retry_after=e.retry_after
-            ), None
+            )
         _mark(request, "upstream_ready_ms")
         if sent is not None and (base != early or (sent.done() and sent.exception())):
             _drop(sent)  # served elsewhere, or the early send failed: send it now
             sent = None
-        try:
-            return await self._send(request, base, path, body, headers, route, t0, sent)
-        finally:
-            self.backend.upstream_released(route.name, base)
+        return base, sent
 
     async def _wake(
         self, request: web.Request, route: ModelRoute, remaining: float, waking: Sequence[str],

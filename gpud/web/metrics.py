@@ -65,14 +65,25 @@ class RequestMetrics:
             "to the first body chunk sent to the client, measured at the proxy.", ["model"],
             buckets=TTFT_BUCKETS, registry=registry)
 
+        # The labelled children, looked up once (labels() takes a lock and builds a key).
+        self._counts: dict[tuple[str, int], Any] = {}
+        self._times: dict[str, tuple[Any, Any]] = {}
+
     def request_done(
         self, model: str, endpoint: str, status: int, duration: float, ttft: float | None
     ) -> None:
-        self.requests.labels(model, str(status)).inc()
+        count = self._counts.get((model, status))
+        if count is None:
+            count = self._counts[model, status] = self.requests.labels(model, str(status))
+        count.inc()
         if model:
-            self.duration.labels(model).observe(duration)
+            times = self._times.get(model)
+            if times is None:
+                times = self._times[model] = (self.duration.labels(model),
+                                              self.ttft.labels(model))
+            times[0].observe(duration)
             if ttft is not None:
-                self.ttft.labels(model).observe(ttft)
+                times[1].observe(ttft)
 
 
 class StateCollector(Collector):
