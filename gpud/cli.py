@@ -133,7 +133,8 @@ def _plan_memory(cfg: Any, text: str) -> Any:
     """`--gpus`: GPU memory given as JSON; footprints estimated as the daemon does."""
     from gpud.config.units import parse_size
     from gpud.decide import Memory
-    from gpud.fit import GpuMemory, estimate_for
+    from gpud.fit import GpuMemory
+    from gpud.footprints import estimate_for
 
     try:
         gpus = {}

@@ -493,7 +493,7 @@ class Daemon:
 
     async def _measure_memory(self) -> None:
         """NVML every tick, off the loop: feeds fit checks, footprints and status."""
-        from gpud.fit import gpus_from_measure
+        from gpud.footprints import gpus_from_measure
         from gpud.web.memory import engines_of, measure
 
         while True:
