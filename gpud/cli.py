@@ -133,7 +133,8 @@ def _plan_memory(cfg: Any, text: str) -> Any:
     """`--gpus`: GPU memory given as JSON; footprints estimated as the daemon does."""
     from gpud.config.units import parse_size
     from gpud.decide import Memory
-    from gpud.fit import GpuMemory, estimate_for
+    from gpud.fit import GpuMemory
+    from gpud.footprints import estimate_for
 
     try:
         gpus = {}
@@ -385,6 +386,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="config file (default /etc/gpud/gpud.toml or GPUD_CONFIG)")
     sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
 
+    _local_verbs(sub)
+    _daemon_verbs(sub)
+    # Verbs that live in their own modules register themselves; a broken one fails loudly.
+    from gpud import bench, cli_extra
+
+    cli_extra.register(sub)
+    bench.register(sub)
+    return p
+
+
+def _local_verbs(sub: Any) -> None:
+    """Verbs that work without a daemon: run it, check a file, plan a dry run, the demo."""
     s = sub.add_parser("run", help="run the daemon in the foreground")
     s.add_argument("--config", default=argparse.SUPPRESS,
                    help="config file (default /etc/gpud/gpud.toml or GPUD_CONFIG)")
@@ -410,6 +423,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_plan)
 
+    s = sub.add_parser("demo", help="run the daemon with two tiny real models")
+    s.add_argument("--dir", help="state directory for the demo (default .state/demo)")
+    s.add_argument("--listen", default="127.0.0.1:8080")
+    s.set_defaults(func=cmd_demo)
+
+
+def _daemon_verbs(sub: Any) -> None:
+    """Verbs that talk to a running daemon's API."""
     s = sub.add_parser("status", help="what the box is doing and why")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_status)
@@ -442,19 +463,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--auto", action="store_true", help="return to the schedule")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_profile)
-
-    s = sub.add_parser("demo", help="run the daemon with two tiny real models")
-    s.add_argument("--dir", help="state directory for the demo (default .state/demo)")
-    s.add_argument("--listen", default="127.0.0.1:8080")
-    s.set_defaults(func=cmd_demo)
-    # Verbs that live in their own modules register themselves here.
-    for module in ("gpud.cli_extra", "gpud.bench"):
-        try:
-            mod = __import__(module, fromlist=["register"])
-        except ImportError:
-            continue
-        mod.register(sub)
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:

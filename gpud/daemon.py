@@ -90,6 +90,8 @@ class Daemon:
         # READY=1 went out at start-up: before that, a reload (the watcher's catch-up one)
         # must not tell systemd RELOADING/READY, or it reads the daemon as up before it listens.
         self._announced = False
+        self._clean_stop = False  # set once a stop was asked for (not an error)
+        self._bg: dict[str, asyncio.Task[None]] = {}
         self._status_line = ""
         self.proxy: Any = None
         self.scheduler: Any = None
@@ -336,32 +338,47 @@ class Daemon:
         self._stop.set()
 
     async def serve(self) -> int:
-        loop = asyncio.get_running_loop()
-        cfg = self.loaded.config
+        """uvicorn's shape: start up on an exit stack, run until asked to stop, and let the
+        stack stop every started piece in reverse order (on a clean stop, a failed start-up
+        or an error alike; engines are stopped only on a clean stop, if asked)."""
+        async with contextlib.AsyncExitStack() as stack:
+            if not await self._startup(stack):
+                return 1
+            await self._main_loop(stack)
+        return 0
+
+    def _assemble(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024**2)
         from gpud.proxy.app import Proxy
-        from gpud.web import api
+        from gpud.web import api, metrics, page
 
         # No disconnect sweep: the runner's handler_cancellation (below) does that.
         self.proxy = Proxy(self.reconciler, keys=self._keyring(), disconnect_check=None)
         self.proxy.install(app)
-        from gpud.web import metrics
-
         metrics.install(app, self)
         api.install(app, self, test_hooks=os.environ.get("GPUD_TEST_HOOKS") == "1")
-        with contextlib.suppress(ImportError):
-            from gpud.web import page
+        page.install(app, self)
+        return app
 
-            page.install(app, self)
-        # handler_cancellation: a client that goes away cancels its handler (and the engine
-        # request) at once, not at the next write.
+    async def _startup(self, stack: contextlib.AsyncExitStack) -> bool:
+        """Listener, signals, the KV pool, adopted engines, timers; False if it cannot listen.
+        Each piece pushes its own stop right after it started."""
+        loop = asyncio.get_running_loop()
+        cfg = self.loaded.config
+        app = self._assemble()
+        stack.push_async_callback(self._close_kvpool)  # last: engines may hold its pages
+        stack.push_async_callback(self._stop_engines)
         # The watcher comes first: from the moment /healthz answers, every edit is seen.
-        watch = asyncio.create_task(self._watch(), name="watch")
+        self._bg = {"watch": asyncio.create_task(self._watch(), name="watch")}
+        stack.push_async_callback(self._cancel_background)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._watching.wait(), 5.0)
+        # handler_cancellation: a client that goes away cancels its handler (and the engine
+        # request) at once, not at the next write.
         self.runner = web.AppRunner(app, access_log=None, handle_signals=False,
                                     handler_cancellation=True)
         await self.runner.setup()
+        stack.push_async_callback(self.runner.cleanup)
         site = web.TCPSite(self.runner, cfg.daemon.host, cfg.daemon.port, reuse_address=True)
         try:
             await site.start()
@@ -369,31 +386,36 @@ class Daemon:
         except OSError as exc:
             log.error("cannot listen on %s: %s", cfg.daemon.listen, exc.strerror)
             self._stop.set()
-            watch.cancel()
-            await asyncio.gather(watch, return_exceptions=True)
-            await self.runner.cleanup()
-            return 1
+            return False
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
         loop.add_signal_handler(
             signal.SIGHUP, lambda: loop.create_task(self.reload(source="SIGHUP")))
+        stack.callback(self._remove_signal_handlers)
         await self._start_kvpool()
         adopted = await self.reconciler.adopt_engines()
         if adopted:
             log.info("adopted %d running engine(s): %s", len(adopted), ", ".join(adopted))
         await asyncio.to_thread(self.save_last_good)
         self._start_timer()
+        stack.callback(self._stop_timer)
+        self._start_background()
+        return True
+
+    def _start_background(self) -> None:
         interval = self.notifier.watchdog_interval()
         self.reconciler.set_max_tick(interval)  # a pass at least every ping interval
-        tasks = [
-            asyncio.create_task(self.reconciler.run(), name="reconcile"),
-            asyncio.create_task(self._policies(), name="policies"),
-            asyncio.create_task(self._measure_memory(), name="memory"),
-            watch,
-            asyncio.create_task(run_watchdog(self.notifier, lambda: self.reconciler.last_pass,
-                                             max_age=2 * (interval or 0) or None),
-                                name="watchdog"),
-        ]
+        self._bg.update({
+            "reconcile": asyncio.create_task(self.reconciler.run(), name="reconcile"),
+            "policies": asyncio.create_task(self._policies(), name="policies"),
+            "memory": asyncio.create_task(self._measure_memory(), name="memory"),
+            "watchdog": asyncio.create_task(
+                run_watchdog(self.notifier, lambda: self.reconciler.last_pass,
+                             max_age=2 * (interval or 0) or None), name="watchdog"),
+        })
+
+    async def _main_loop(self, stack: contextlib.AsyncExitStack) -> None:
+        cfg = self.loaded.config
         self.reconciler.pass_once()
         self._update_status()
         self.notifier.ready()
@@ -402,21 +424,36 @@ class Daemon:
         log.info("gpud %s ready on http://%s (config %s, revision %s)", __version__,
                  cfg.daemon.listen, where, self.loaded.revision)
         await self._stop.wait()
+        self._clean_stop = True
         log.info("stopping%s", " (engines too)" if self.stop_engines_on_exit
                  else " (engines keep running; a new gpud adopts them)")
         self.notifier.stopping()
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            loop.remove_signal_handler(sig)
+
+    # --- shutdown steps (the exit stack runs them in reverse order of start) -------------
+
+    async def _cancel_background(self) -> None:
+        tasks = list(self._bg.values())
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _remove_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+
+    def _stop_timer(self) -> None:
         if self.scheduler is not None:
             self.scheduler.shutdown(wait=False)
-        await self.runner.cleanup()
-        await self.reconciler.stop_all(self.stop_engines_on_exit)
+
+    async def _stop_engines(self) -> None:
+        # Only a clean stop stops engines (when asked); after an error they keep serving and
+        # the next gpud adopts them.
+        await self.reconciler.stop_all(self.stop_engines_on_exit and self._clean_stop)
+
+    async def _close_kvpool(self) -> None:
         if self.kvpool is not None:
             await self.kvpool.close()
-        return 0
 
     async def _start_kvpool(self) -> None:
         from gpud.kvpool.setup import build_server
@@ -523,7 +560,7 @@ class Daemon:
 
     async def _measure_memory(self) -> None:
         """NVML every tick, off the loop: feeds fit checks, footprints and status."""
-        from gpud.fit import gpus_from_measure
+        from gpud.footprints import gpus_from_measure
         from gpud.web.memory import engines_of, measure
 
         while True:

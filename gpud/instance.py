@@ -35,12 +35,8 @@ from gpud.engines.vllm import (
     VllmClient,
 )
 from gpud.events import EventBus
-from gpud.fit import (
-    FitResult,
-    Footprint,
-    FootprintStore,
-    GpuMemory,
-)
+from gpud.fit import FitResult, Footprint, GpuMemory
+from gpud.footprints import FootprintStore
 from gpud.plan import Action, ObservedModel, Plan
 from gpud.proxy.api import ModelRoute
 from gpud.proxy.singleflight import SingleFlight

@@ -44,11 +44,8 @@ from gpud.desired import (
 )
 from gpud.engine_ops import EngineOps
 from gpud.events import EventBus
-from gpud.fit import (
-    Footprint,
-    FootprintStore,
-    GpuMemory,
-)
+from gpud.fit import Footprint, GpuMemory
+from gpud.footprints import FootprintStore
 from gpud.instance import DURING, Instance, ModelTraffic, fresh_start
 from gpud.observe import Observation
 from gpud.plan import Action, ObservedModel, Plan

@@ -16,14 +16,8 @@ from gpud.desired import (
     Layers,
     effective,
 )
-from gpud.fit import (
-    FitResult,
-    Footprint,
-    FootprintStore,
-    estimate_for,
-    fit,
-    measured_footprint,
-)
+from gpud.fit import FitResult, Footprint, fit, measured_footprint
+from gpud.footprints import FootprintStore, estimate_for
 from gpud.instance import (
     Instance,
     LoopState,

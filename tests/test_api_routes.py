@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from gpudproc import free_port
 
 from gpud.config import load_config
 from gpud.daemon import Daemon
@@ -27,10 +27,7 @@ METHODS = {"get", "post", "put", "delete", "patch"}
 Client = TestClient[web.Request, web.Application]
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+_port = free_port  # the one free-port helper (tests/gpudproc.py)
 
 
 CONFIG = """

@@ -12,16 +12,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gpud.desired import DesiredModel
-from gpud.fit import (
-    Footprint,
+from gpud.fit import Footprint, GiB, GpuMemory, fit, parameter_count
+from gpud.footprints import (
     FootprintStore,
-    GiB,
-    GpuMemory,
     estimate_footprint,
-    fit,
     gpus_from_measure,
     locate_model_dir,
-    parameter_count,
 )
 from gpud.plan import ORDER, ObservedModel, apply, plan
 

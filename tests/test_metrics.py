@@ -7,13 +7,13 @@ engine is ever started) and a schedule; nothing here needs vLLM or a GPU.
 from __future__ import annotations
 
 import contextlib
-import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from gpudproc import free_port
 from prometheus_client.parser import text_string_to_metric_families
 
 from gpud.config import load_config
@@ -41,10 +41,7 @@ FAMILIES = {
 }
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+_port = free_port  # the one free-port helper (tests/gpudproc.py)
 
 
 def write_config(tmp_path: Path, models: str = "") -> Path:

@@ -74,13 +74,13 @@ class EngineStartTimeout(EngineError):
 # --- /proc helpers -----------------------------------------------------------------------
 
 
-def _read_stat(pid: int) -> list[str] | None:
+def read_stat(pid: int) -> list[str] | None:
     """Fields of /proc/PID/stat from field 3 (state) on; None if the process is gone.
     The command name (field 2) may hold spaces and parentheses: split after the last ')'."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             raw = f.read().decode("utf-8", "replace")
-    except (FileNotFoundError, ProcessLookupError):
+    except OSError:  # gone (or, for a foreign pid, unreadable)
         return None
     return raw[raw.rindex(")") + 2 :].split()
 
@@ -88,13 +88,13 @@ def _read_stat(pid: int) -> list[str] | None:
 def proc_start_time(pid: int) -> int | None:
     """Start time of PID in clock ticks after boot (/proc/PID/stat field 22): with the pid,
     it names one process for the life of the machine, whatever pids are reused."""
-    fields = _read_stat(pid)
+    fields = read_stat(pid)
     return int(fields[19]) if fields is not None else None
 
 
 def proc_group_and_start(pid: int) -> tuple[int, int] | None:
     """(process group, start time) of a live, non-zombie PID; None if it is gone."""
-    fields = _read_stat(pid)
+    fields = read_stat(pid)
     if fields is None or fields[0] in ("Z", "X"):
         return None
     return int(fields[2]), int(fields[19])
@@ -114,7 +114,7 @@ def group_members(pgid: int) -> list[int]:
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
-        fields = _read_stat(int(entry))
+        fields = read_stat(int(entry))
         # fields[0] is the state (field 3), fields[2] the pgrp (field 5)
         if fields is not None and fields[2] == str(pgid) and fields[0] not in ("Z", "X"):
             members.append(int(entry))

@@ -15,6 +15,8 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from gpud.engines.process import proc_group_and_start
+
 if TYPE_CHECKING:
     from gpud.daemon import Daemon
 
@@ -87,15 +89,9 @@ def _process_groups() -> dict[int, int]:
     for entry in entries:
         if not entry.isdigit():
             continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                raw = f.read().decode("utf-8", "replace")
-        except OSError:
-            continue
-        # The command (field 2) may hold spaces and parentheses: split after the last ')'.
-        fields = raw[raw.rfind(")") + 2 :].split()
-        if len(fields) > 2 and fields[0] not in ("Z", "X"):
-            groups[int(entry)] = int(fields[2])
+        live = proc_group_and_start(int(entry))
+        if live is not None:
+            groups[int(entry)] = live[0]
     return groups
 
 
