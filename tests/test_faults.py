@@ -7,6 +7,7 @@ engine-side faults are in test_e2e_faults.py).
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import socket
@@ -221,3 +222,42 @@ def test_a_dropin_dir_created_after_start_is_watched(daemon: Gpud) -> None:
     (dropins / "night.toml").write_text("[profiles.night]\n")
     wait_for(lambda: str(dropins / "night.toml") in daemon.get("/api/v1/config")["files"], 5,
              "a second drop-in to load")
+
+
+# The records' side of item 7, on real processes: two tagged engines of one model (gpud
+# killed while it moved the model): the recorded one is adopted, the other is stopped.
+
+async def test_a_second_tagged_engine_of_a_model_is_found_and_stopped(tmp_path: Path) -> None:
+    from gpud.engines.process import EngineProcess
+    from gpud.engines.records import (
+        EngineRecord,
+        find_records,
+        stop_duplicate,
+        tag_env,
+        write_record,
+    )
+
+    state, run = tmp_path / "state", tmp_path / "run"
+    argv = [sys.executable, "-c", "import time; time.sleep(600)"]
+    procs = []
+    for port in (18001, 18002):
+        env = tag_env(dict(os.environ), state, "m", port, "spec", state / "logs" / "m.log")
+        procs.append(EngineProcess.spawn("m", argv, env, state / "logs"))
+    try:
+        write_record(run, EngineRecord.of(procs[1], 18002, "spec"))
+        other = tag_env({}, tmp_path / "elsewhere", "m", 18003, "spec", state / "x.log")
+        stranger = EngineProcess.spawn("m", argv, {**os.environ, **other}, tmp_path / "x")
+        chosen, twice = find_records(run, state)
+        assert [r.pid for r in chosen] == [procs[1].pid]
+        assert [r.pid for r in twice] == [procs[0].pid]  # not the other state dir's engine
+        shutil.rmtree(run)
+        chosen, twice = find_records(run, state)  # no runtime dir: one is chosen from /proc
+        assert {chosen[0].pid, twice[0].pid} == {p.pid for p in procs} and len(chosen) == 1
+        assert {(r.pid, r.port) for r in chosen + twice} == {(procs[0].pid, 18001),
+                                                             (procs[1].pid, 18002)}
+        await stop_duplicate(next(r for r in chosen + twice if r.pid == procs[0].pid), grace=2)
+        assert not procs[0].running and procs[1].running and stranger.running
+        await stranger.stop(grace=2)
+    finally:
+        for p in procs:
+            await p.stop(grace=2)
