@@ -9,6 +9,7 @@ config; `reload` does, and refuses what is invalid.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -54,5 +55,8 @@ async def watch_config(path: Path, reload: Callable[[], Awaitable[Any]], stop: a
         except StopAsyncIteration:
             return
         finally:
+            # Awaited, not only cancelled: nothing of the watch outlives its task.
             nxt.cancel()
+            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                await nxt
         await changes.aclose()
