@@ -20,6 +20,7 @@ from typing import Any
 
 from gpud import __version__
 from gpud.config import DEFAULT_PATH, ConfigError, LoadedConfig, load_config, zone_of
+from gpud.states import State
 
 
 def _config_path(arg: str | None) -> Path | None:
@@ -97,7 +98,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
-PLAN_VERBS = {"asleep": "sleep", "awake": "wake", "unloaded": "unload"}
+PLAN_VERBS = {State.ASLEEP.value: "sleep", State.AWAKE.value: "wake",
+              State.UNLOADED.value: "unload"}
 
 
 def _plan_pairs(cfg: Any, items: list[str] | None, flag: str) -> dict[str, str]:

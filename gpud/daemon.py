@@ -25,23 +25,22 @@ from gpud.config import (
     EMBEDDED_DEFAULT,
     ConfigError,
     EmptyConfigError,
+    GpudConfig,
     LoadedConfig,
     load_config,
     reload_effects,
 )
 from gpud.config.load import DEFAULT_PATH
 from gpud.events import EventBus
+from gpud.kvlink import KVLink
+from gpud.policy_loop import run_policies
 from gpud.reconcile import Reconciler
-from gpud.states import RUNNING, TRANSITIONAL, State
+from gpud.states import RUNNING, TRANSITIONAL
 from gpud.systemd import Notifier, run_watchdog, status_line
+from gpud.timer import BoundaryTimer
 from gpud.web.memory import memory_status, model_bytes
 
 log = logging.getLogger("gpud.daemon")
-
-# Just before a boundary, pre-woken models get small requests up to the boundary: on the H100
-# the first request after ~30 s of quiet is 1.2-1.5x slower even on an engine that never slept.
-KEEP_WARM_BEFORE = timedelta(seconds=1.5)
-
 
 def _writable_dir(path: Path, fallback: Path) -> Path:
     try:
@@ -94,18 +93,19 @@ class Daemon:
         self._bg: dict[str, asyncio.Task[None]] = {}
         self._status_line = ""
         self.proxy: Any = None
-        self.scheduler: Any = None
-        self.kvpool: Any = None
-        self.kvpool_problems: list[str] = []
-        self._kv_trimmed: set[str] = set()  # pool models trimmed in their current quiet spell
-        self._kv_tasks: set[asyncio.Task[int]] = set()
+        self.kv = KVLink(self.reconciler, self.runtime_dir)
+        self.timer = BoundaryTimer(self.reconciler, lambda: self.clock_offset)
         self.memory: dict[str, Any] | None = None
         self.memory_at = 0.0
-        self._armed: object = None
         self.runner: web.AppRunner | None = None
         self.site: web.TCPSite | None = None
         self.listening: str | None = None  # where the listener is, whatever the file says
         self.listen_problem: str | None = None  # why the file's listen is not applied
+
+    @property
+    def kvpool(self) -> Any:
+        """The KV pool's server, None when no model uses it."""
+        return self.kv.server
 
     def _now(self) -> datetime:
         from gpud.config import zone_of
@@ -116,7 +116,7 @@ class Daemon:
 
     def set_clock(self, at: datetime) -> None:
         self.clock_offset = at - datetime.now(UTC)
-        self._armed = None
+        self.timer.rearm()
         self.reconciler.trigger()
 
     # --- config -------------------------------------------------------------------------
@@ -206,7 +206,7 @@ class Daemon:
             log.error("listen change refused: %s", self.listen_problem)
 
     async def _apply(self, new: LoadedConfig) -> None:
-        await self._sync_kvpool()  # before the reconciler starts any new pool engine
+        await self.kv.sync(new.config)  # before the reconciler starts any new pool engine
         self.reconciler.set_config(new)
         self.admin_token = self._read_admin_token()
         if self.proxy is not None:
@@ -215,21 +215,7 @@ class Daemon:
         await self._follow_listen()
 
     def _keyring(self) -> Any:
-        from gpud.proxy.auth import ApiKey, KeyRing
-
-        keys = []
-        for k in self.loaded.config.auth.keys:
-            try:
-                if k.key_file is not None:
-                    keys.append(ApiKey.from_file(k.name, k.key_file, k.models))
-                elif k.key_hash is not None:
-                    keys.append(ApiKey.from_hash(k.name, k.key_hash, k.models))
-            except (OSError, ValueError) as exc:
-                # check time refuses these; a key file changed since is logged, never served open
-                log.error("API key %r unusable: %s", k.name, exc)
-        if self.loaded.config.auth.keys and not keys:
-            keys.append(ApiKey.from_hash("(none usable)", "0" * 64, ()))
-        return KeyRing(keys)
+        return keyring(self.loaded.config)
 
     # --- status -------------------------------------------------------------------------
 
@@ -282,11 +268,8 @@ class Daemon:
             "config": self.config_status(),
             "models": r.status_models(),
             "policies": r.policy_status,
-            "kvpool": self.kvpool.status() if self.kvpool is not None else
-            {"backend": "none", "gpus": {}, "note": "no model uses the KV pool"},
+            "kvpool": self.kv.status(),
         }
-        if self.kvpool_problems:
-            out["kvpool"]["problems"] = list(self.kvpool_problems)
         fresh = self.memory is not None and time.monotonic() - self.memory_at < 2.0
         out["memory"] = self.memory if fresh else memory_status(self)
         # Per model: GPU bytes (NVML, the engine's whole process group) where a GPU holds
@@ -314,14 +297,9 @@ class Daemon:
                 "config": self.loaded.config.model_dump(mode="json")}
 
     def log_file_tail(self, key: str, lines: int) -> list[str]:
-        path = self.state_dir / "logs" / f"{key}.log"
-        try:
-            with path.open("rb") as f:
-                f.seek(0, os.SEEK_END)
-                f.seek(max(0, f.tell() - 256 * 1024))
-                return f.read().decode(errors="replace").splitlines()[-lines:]
-        except OSError:
-            return []
+        from gpud.logs import tail_lines
+
+        return tail_lines(self.state_dir / "logs" / f"{key}.log", lines)
 
     # --- the loop -----------------------------------------------------------------------
 
@@ -366,7 +344,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         cfg = self.loaded.config
         app = self._assemble()
-        stack.push_async_callback(self._close_kvpool)  # last: engines may hold its pages
+        stack.push_async_callback(self.kv.close)  # last: engines may hold its pages
         stack.push_async_callback(self._stop_engines)
         # The watcher comes first: from the moment /healthz answers, every edit is seen.
         self._bg = {"watch": asyncio.create_task(self._watch(), name="watch")}
@@ -392,13 +370,13 @@ class Daemon:
         loop.add_signal_handler(
             signal.SIGHUP, lambda: loop.create_task(self.reload(source="SIGHUP")))
         stack.callback(self._remove_signal_handlers)
-        await self._start_kvpool()
+        await self.kv.start(cfg)
         adopted = await self.reconciler.adopt_engines()
         if adopted:
             log.info("adopted %d running engine(s): %s", len(adopted), ", ".join(adopted))
         await asyncio.to_thread(self.save_last_good)
-        self._start_timer()
-        stack.callback(self._stop_timer)
+        self.timer.start()
+        stack.callback(self.timer.stop)
         self._start_background()
         return True
 
@@ -407,7 +385,9 @@ class Daemon:
         self.reconciler.set_max_tick(interval)  # a pass at least every ping interval
         self._bg.update({
             "reconcile": asyncio.create_task(self.reconciler.run(), name="reconcile"),
-            "policies": asyncio.create_task(self._policies(), name="policies"),
+            "policies": asyncio.create_task(
+                run_policies(self.reconciler, self.events, lambda: self.loaded.config),
+                name="policies"),
             "memory": asyncio.create_task(self._measure_memory(), name="memory"),
             "watchdog": asyncio.create_task(
                 run_watchdog(self.notifier, lambda: self.reconciler.last_pass,
@@ -442,122 +422,6 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
 
-    def _stop_timer(self) -> None:
-        if self.scheduler is not None:
-            self.scheduler.shutdown(wait=False)
-
-    async def _stop_engines(self) -> None:
-        # Only a clean stop stops engines (when asked); after an error they keep serving and
-        # the next gpud adopts them.
-        await self.reconciler.stop_all(self.stop_engines_on_exit and self._clean_stop)
-
-    async def _close_kvpool(self) -> None:
-        if self.kvpool is not None:
-            await self.kvpool.close()
-
-    async def _start_kvpool(self) -> None:
-        from gpud.kvpool.setup import build_server
-
-        try:
-            self.kvpool = build_server(self.loaded.config, self.runtime_dir, self._allow_peer)
-            if self.kvpool is not None:
-                await self.kvpool.start()
-                self.reconciler.on_pass.append(self._kv_activity)
-        except Exception as exc:
-            log.error("KV pool not started: %s", exc)
-            self.kvpool = None
-
-    async def _sync_kvpool(self) -> None:
-        """A reload: pool models that joined become tenants (the pool starts if it was not
-        running); changed budgets apply; what cannot is logged and shown in status."""
-        from gpud.kvpool.setup import sync_server
-
-        if self.kvpool is None:
-            await self._start_kvpool()
-            return
-        self.kvpool_problems = sync_server(self.kvpool, self.loaded.config)
-
-    def _kv_activity(self) -> None:
-        """After each pass: tell the pool what each pool model is doing, and trim a model
-        that went idle or to sleep back to its kv_min (once per quiet spell)."""
-        from gpud.kvpool.ledger import Activity, activity_of
-
-        pool, r = self.kvpool, self.reconciler
-        if pool is None:
-            return
-        mono = time.monotonic()
-        idle_after = self.loaded.config.daemon.kv_idle_after.total_seconds()
-        for name, m in r.config.models.items():
-            if not m.uses_pool:
-                continue
-            insts = [i for i in r.instances.values() if i.model == name]
-            state = next((i.state for i in insts if i.state == State.AWAKE),
-                         insts[0].state if insts else State.UNLOADED)
-            t = r.traffic.get(name)
-            activity = activity_of(state, t.inflight if t else 0, r.quiet_for(name, mono),
-                                   idle_after)
-            pool.set_activity(name, activity)
-            if activity is Activity.AWAKE:
-                self._kv_trimmed.discard(name)
-            elif name not in self._kv_trimmed:
-                self._kv_trimmed.add(name)
-                task = asyncio.get_running_loop().create_task(pool.trim(name))
-                self._kv_tasks.add(task)
-                task.add_done_callback(self._kv_tasks.discard)
-
-    def _allow_peer(self, peer: Any, model: str) -> bool:
-        """Only engines gpud started may take pages, and only for their own model."""
-        for inst in self.reconciler.instances.values():
-            proc = inst.proc
-            if inst.model == model and proc is not None and peer.pid > 0:
-                try:
-                    if os.getpgid(peer.pid) == proc.pgid:
-                        return True
-                except ProcessLookupError:
-                    return False
-        return False
-
-    # --- the schedule's timer and the policies ---------------------------------------------
-
-    def _start_timer(self) -> None:
-        """APScheduler wakes the loop at boundaries (and pre-wake instants); the loop decides."""
-        from apscheduler.schedulers.asyncio import AsyncIOScheduler
-
-        self.scheduler = AsyncIOScheduler()
-        self.scheduler.start()
-        self.reconciler.on_pass.append(self._arm_timer)
-
-    def _arm_timer(self) -> None:
-        r = self.reconciler
-        nb = r.next_boundary(r.now())
-        key = (nb.at, nb.prewake) if nb else None
-        if key == self._armed or self.scheduler is None:
-            return
-        self._armed = key
-        self.scheduler.remove_all_jobs()
-        if nb is None:
-            return
-        now = r.now()
-
-        # Coroutine jobs: APScheduler runs plain functions in a thread pool, and waking the
-        # loop (an asyncio.Event) must happen on the loop's own thread.
-        async def wake_loop() -> None:
-            r.trigger()
-
-        async def keep_warm() -> None:
-            # until the boundary, on the loop's clock (the schedule's may be a test clock)
-            left = (nb.at - r.now()).total_seconds()
-            r.keep_warm(nb.profile, until=asyncio.get_running_loop().time() + left)
-
-        for i, at in enumerate(sorted({nb.at - nb.prewake, nb.at})):
-            if at > now:
-                self.scheduler.add_job(wake_loop, "date", run_date=at - self.clock_offset,
-                                       id=f"boundary-{i}", misfire_grace_time=None)
-        warm_at = nb.at - KEEP_WARM_BEFORE
-        if nb.prewake > KEEP_WARM_BEFORE and warm_at > now:
-            self.scheduler.add_job(keep_warm, "date", run_date=warm_at - self.clock_offset,
-                                   id="keep-warm", misfire_grace_time=None)
-
     async def _measure_memory(self) -> None:
         """NVML every tick, off the loop: feeds fit checks, footprints and status."""
         from gpud.footprints import gpus_from_measure
@@ -574,40 +438,30 @@ class Daemon:
                 log.exception("memory measurement failed")
             await asyncio.sleep(self.loaded.config.daemon.tick.total_seconds())
 
-    async def _policies(self) -> None:
-        from gpud.policies.runner import PolicyRunner
-
-        while True:
-            pcfg = self.loaded.config.policies
-            if not pcfg.enabled or not pcfg.dir.is_dir():
-                self.reconciler.set_policy_status([])
-                self.reconciler.set_policy_intents([])
-                await asyncio.sleep(pcfg.interval.total_seconds())
-                continue
-            runner = PolicyRunner(pcfg.dir, timeout=pcfg.timeout.total_seconds())
-            try:
-                while self.loaded.config.policies == pcfg:
-                    try:
-                        await self._policy_round(runner)
-                    except Exception:  # the runner's own bug: next round, not a dead loop
-                        log.exception("policy round failed; trying again in %s",
-                                      pcfg.interval)
-                    await asyncio.sleep(pcfg.interval.total_seconds())
-            finally:
-                await asyncio.to_thread(runner.close)
+    async def _stop_engines(self) -> None:
+        # Only a clean stop stops engines (when asked); after an error they keep serving and
+        # the next gpud adopts them.
+        await self.reconciler.stop_all(self.stop_engines_on_exit and self._clean_stop)
 
 
-    async def _policy_round(self, runner: Any) -> None:
-        await asyncio.to_thread(runner.reload)
-        view = self.reconciler.policy_view()
-        intents, statuses = await asyncio.to_thread(runner.evaluate, view)
-        before = {p["name"]: p.get("error") for p in self.reconciler.policy_status}
-        self.reconciler.set_policy_status([st.as_dict() for st in statuses])
-        for st in self.reconciler.policy_status:
-            if st.get("error") and before.get(st["name"]) != st["error"]:
-                log.error("policy %s disabled: %s", st["name"], st["error"])
-                self.events.publish("policy", policy=st["name"], error=st["error"])
-        self.reconciler.set_policy_intents(intents)
+def keyring(config: GpudConfig) -> Any:
+    """The proxy's API keys from `[auth]`; a key unusable since check time is logged and
+    never served open."""
+    from gpud.proxy.auth import ApiKey, KeyRing
+
+    keys = []
+    for k in config.auth.keys:
+        try:
+            if k.key_file is not None:
+                keys.append(ApiKey.from_file(k.name, k.key_file, k.models))
+            elif k.key_hash is not None:
+                keys.append(ApiKey.from_hash(k.name, k.key_hash, k.models))
+        except (OSError, ValueError) as exc:
+            # check time refuses these; a key file changed since is logged, never served open
+            log.error("API key %r unusable: %s", k.name, exc)
+    if config.auth.keys and not keys:
+        keys.append(ApiKey.from_hash("(none usable)", "0" * 64, ()))
+    return KeyRing(keys)
 
 
 def _test_clock_offset() -> timedelta:

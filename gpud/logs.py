@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import TextIO
 
 __all__ = ["JournalFormatter", "PlainFormatter", "journal_stream_matches", "setup_logging"]
@@ -111,3 +112,14 @@ def setup_logging(level: int | str = logging.INFO, stream: TextIO | None = None)
     root.addHandler(handler)
     root.setLevel(level)
     logging.captureWarnings(True)
+
+
+def tail_lines(path: Path, lines: int, window: int = 256 * 1024) -> list[str]:
+    """The last `lines` lines of a log file (read from its last `window` bytes); [] if none."""
+    try:
+        with path.open("rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - window))
+            return f.read().decode(errors="replace").splitlines()[-lines:]
+    except OSError:
+        return []

@@ -37,13 +37,13 @@ async def watch_config(path: Path, reload: Callable[[], Awaitable[Any]], stop: a
         changes = watchfiles.awatch(*dirs, debounce=30, step=10, stop_event=stop,
                                     recursive=False, watch_filter=relevant)
         nxt = asyncio.ensure_future(anext(changes))
-        # One loop turn runs awatch up to its first await: the inotify watches exist now.
-        await asyncio.sleep(0)
-        ready.set()
-        # An edit made before this watch existed (since the first load, or in a new
-        # gpud.d/ before it was watched) had no watch to see it.
-        await reload()
         try:
+            # One loop turn runs awatch up to its first await: the inotify watches exist now.
+            await asyncio.sleep(0)
+            ready.set()
+            # An edit made before this watch existed (since the first load, or in a new
+            # gpud.d/ before it was watched) had no watch to see it.
+            await reload()
             while True:
                 await nxt
                 await reload()

@@ -36,17 +36,20 @@ async def test_a_clean_stop_stops_in_reverse_order_of_start(tmp_path: Path) -> N
     daemon = Daemon(load_config(path), path, stop_engines_on_exit=True)
     order: list[str] = []
 
-    def spy(name: str, fn: object) -> None:
+    def spy(owner: object, name: str, label: str) -> None:
+        fn = getattr(owner, name)
+
         async def wrapped(*a: object) -> None:
-            order.append(name)
-            r = fn(*a)  # type: ignore[operator]
+            order.append(label)
+            r = fn(*a)
             if asyncio.iscoroutine(r):
                 await r
 
-        setattr(daemon, name, wrapped)
+        setattr(owner, name, wrapped)
 
-    for name in ("_close_kvpool", "_stop_engines", "_cancel_background"):
-        spy(name, getattr(daemon, name))
+    spy(daemon.kv, "close", "kv.close")
+    for name in ("_stop_engines", "_cancel_background"):
+        spy(daemon, name, name)
     ready = asyncio.Event()
     announce = daemon.notifier.ready
 
@@ -59,5 +62,5 @@ async def test_a_clean_stop_stops_in_reverse_order_of_start(tmp_path: Path) -> N
     await asyncio.wait_for(ready.wait(), 30)
     daemon.request_stop()
     assert await asyncio.wait_for(task, 30) == 0
-    assert order == ["_cancel_background", "_stop_engines", "_close_kvpool"]
+    assert order == ["_cancel_background", "_stop_engines", "kv.close"]
     assert all(t.done() for t in daemon._bg.values())

@@ -202,7 +202,7 @@ async def test_kv_pool_pages_per_model_and_the_model_asleep_to_the_ledger(tmp_pa
                             'kv_max = "64MiB"\n', 1)
     async with serve(write_config(tmp_path, pooled)) as (client, daemon, _m):
         (tmp_path / "run").mkdir(exist_ok=True)
-        await daemon._start_kvpool()
+        await daemon.kv.start(daemon.loaded.config)
         assert daemon.kvpool is not None
         try:
             pool = daemon.kvpool.pools[0]

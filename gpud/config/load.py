@@ -258,6 +258,15 @@ class _Located:
 
 
 def _cross_check(cfg: GpudConfig, loc: _Located, check_files: bool) -> list[ErrorItem]:
+    """What no single table can check: names, ports and aliases across models, references
+    from profiles, the schedule and keys, and (check_files) secret files and sources."""
+    errors = _check_models(cfg, loc) + _check_references(cfg, loc)
+    if check_files:
+        errors += _check_secret_files(cfg, loc) + _missing_sources(cfg, loc)
+    return errors
+
+
+def _check_models(cfg: GpudConfig, loc: _Located) -> list[ErrorItem]:
     errors: list[ErrorItem] = []
     names = set(cfg.models)
     ports: dict[int, str] = {}
@@ -286,22 +295,36 @@ def _cross_check(cfg: GpudConfig, loc: _Located, check_files: bool) -> list[Erro
                 errors.append(loc.error(("models", name, "aliases", i),
                     f"alias {alias!r} is already the name or alias of model {other!r}"))
             aliases[alias] = name
-        for i, arg in enumerate(model.args):
-            flag = option_name(arg)
-            if flag in FORBIDDEN_ARGS:
-                errors.append(loc.error(("models", name, "args", i),
-                    f"{flag} is not allowed in args: gpud sets it itself "
-                    f"({FORBIDDEN_ARGS[flag]})"))
-        for var in model.env:
-            if var in FORBIDDEN_ENV:
-                errors.append(loc.error(("models", name, "env", var),
-                    f"{var} is not allowed: gpud sets it itself ({FORBIDDEN_ENV[var]})"))
+        errors += _check_args_env(loc, name, model.args, model.env)
     for kind, engine in cfg.engines.items():
         for var in engine.env:
             if var in FORBIDDEN_ENV:
                 errors.append(loc.error(("engines", kind, "env", var),
                     f"{var} is not allowed: gpud sets it itself for each model "
                     f"({FORBIDDEN_ENV[var]})"))
+    return errors
+
+
+def _check_args_env(loc: _Located, name: str, args: list[str],
+                    env: dict[str, str]) -> list[ErrorItem]:
+    errors: list[ErrorItem] = []
+    for i, arg in enumerate(args):
+        flag = option_name(arg)
+        if flag in FORBIDDEN_ARGS:
+            errors.append(loc.error(("models", name, "args", i),
+                f"{flag} is not allowed in args: gpud sets it itself "
+                f"({FORBIDDEN_ARGS[flag]})"))
+    for var in env:
+        if var in FORBIDDEN_ENV:
+            errors.append(loc.error(("models", name, "env", var),
+                f"{var} is not allowed: gpud sets it itself ({FORBIDDEN_ENV[var]})"))
+    return errors
+
+
+def _check_references(cfg: GpudConfig, loc: _Located) -> list[ErrorItem]:
+    errors: list[ErrorItem] = []
+    names = set(cfg.models)
+    aliases = {a for m in cfg.models.values() for a in m.aliases}
     for profile, entries in cfg.profiles.items():
         for model_name in entries:
             if model_name not in names:
@@ -325,7 +348,13 @@ def _cross_check(cfg: GpudConfig, loc: _Located, check_files: bool) -> list[Erro
             if m not in names and m not in aliases:
                 errors.append(loc.error(("auth", "keys", i, "models"),
                     f"model {m!r} is not defined under [models]"))
-        if check_files and key.key_file is not None:
+    return errors
+
+
+def _check_secret_files(cfg: GpudConfig, loc: _Located) -> list[ErrorItem]:
+    errors: list[ErrorItem] = []
+    for i, key in enumerate(cfg.auth.keys):
+        if key.key_file is not None:
             key_problem = _secret_problem(key.key_file)
             if key_problem:
                 errors.append(loc.error(("auth", "keys", i, "key_file"), key_problem))
@@ -333,12 +362,10 @@ def _cross_check(cfg: GpudConfig, loc: _Located, check_files: bool) -> list[Erro
         (("auth", "admin_token_file"), cfg.auth.admin_token_file),
         (("daemon", "admin_token_file"), cfg.daemon.admin_token_file),
     ):
-        if check_files and path is not None:
+        if path is not None:
             file_problem = _secret_problem(path)
             if file_problem:
                 errors.append(loc.error(path_loc, file_problem))
-    if check_files:
-        errors += _missing_sources(cfg, loc)
     return errors
 
 

@@ -349,6 +349,17 @@ def _backfill(path: Path, ring: deque[str], max_bytes: int = 512 * 1024) -> int:
 ExitCallback = Callable[["EngineProcess"], None]
 
 
+def _open_log(log_dir: Path, model: str) -> tuple[Path, int]:
+    """LOG_DIR/MODEL.log opened for appending (moved to MODEL.log.1 first when too big)."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"{model}.log"
+    with contextlib.suppress(FileNotFoundError):
+        if log_path.stat().st_size > LOG_ROTATE_BYTES:
+            os.replace(log_path, log_path.with_name(log_path.name + ".1"))
+    return log_path, os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
+                             0o640)
+
+
 class EngineProcess:
     """One engine's process group, spawned by this gpud or adopted from a previous one.
 
@@ -416,12 +427,7 @@ class EngineProcess:
             raise ValueError(f"model name {model!r} cannot name a log file")
         if not argv:
             raise ValueError(f"model {model!r}: empty engine argv")
-        log_dir.mkdir(parents=True, exist_ok=True)
-        log_path = log_dir / f"{model}.log"
-        with contextlib.suppress(FileNotFoundError):
-            if log_path.stat().st_size > LOG_ROTATE_BYTES:
-                os.replace(log_path, log_path.with_name(log_path.name + ".1"))
-        fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
+        log_path, fd = _open_log(log_dir, model)
         try:
             stamp = datetime.now(UTC).isoformat(timespec="seconds")
             os.write(fd, f"--- gpud {stamp}: starting {model}: {shlex.join(argv)}\n".encode())
