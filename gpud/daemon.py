@@ -33,6 +33,7 @@ from gpud.config import (
 from gpud.config.load import DEFAULT_PATH
 from gpud.events import EventBus
 from gpud.kvlink import KVLink
+from gpud.listener import ConnectionGuard, GuardedSite, Limits, open_site
 from gpud.policy_loop import run_policies
 from gpud.reconcile import Reconciler
 from gpud.states import RUNNING, TRANSITIONAL
@@ -98,7 +99,8 @@ class Daemon:
         self.memory: dict[str, Any] | None = None
         self.memory_at = 0.0
         self.runner: web.AppRunner | None = None
-        self.site: web.TCPSite | None = None
+        self.site: GuardedSite | None = None
+        self.guard: ConnectionGuard | None = None  # the listener's timeouts and cap
         self.listening: str | None = None  # where the listener is, whatever the file says
         self.listen_problem: str | None = None  # why the file's listen is not applied
 
@@ -208,6 +210,8 @@ class Daemon:
     async def _apply(self, new: LoadedConfig) -> None:
         await self.kv.sync(new.config)  # before the reconciler starts any new pool engine
         self.reconciler.set_config(new)
+        if self.guard is not None:
+            self.guard.configure(Limits.of(new.config.daemon))
         self.admin_token = self._read_admin_token()
         if self.proxy is not None:
             self.proxy.set_keys(self._keyring())
@@ -325,11 +329,12 @@ class Daemon:
             await self._main_loop(stack)
         return 0
 
-    def _assemble(self) -> web.Application:
+    def make_app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024**2)
         from gpud.proxy.app import Proxy
-        from gpud.web import api, metrics, page
+        from gpud.web import api, guards, metrics, page
 
+        guards.install(app, self)
         # No disconnect sweep: the runner's handler_cancellation (below) does that.
         self.proxy = Proxy(self.reconciler, keys=self._keyring(), disconnect_check=None)
         self.proxy.install(app)
@@ -343,7 +348,7 @@ class Daemon:
         Each piece pushes its own stop right after it started."""
         loop = asyncio.get_running_loop()
         cfg = self.loaded.config
-        app = self._assemble()
+        app = self.make_app()
         stack.push_async_callback(self.kv.close)  # last: engines may hold its pages
         stack.push_async_callback(self._stop_engines)
         # The watcher comes first: from the moment /healthz answers, every edit is seen.
@@ -357,10 +362,12 @@ class Daemon:
                                     handler_cancellation=True)
         await self.runner.setup()
         stack.push_async_callback(self.runner.cleanup)
-        site = web.TCPSite(self.runner, cfg.daemon.host, cfg.daemon.port, reuse_address=True)
+        self.guard = ConnectionGuard(Limits.of(cfg.daemon))
+        self.guard.start(loop)
+        stack.callback(self.guard.stop)
         try:
-            await site.start()
-            self.site, self.listening = site, cfg.daemon.listen
+            self.site = await open_site(self.runner, cfg.daemon.listen, self.guard)
+            self.listening = cfg.daemon.listen
         except OSError as exc:
             log.error("cannot listen on %s: %s", cfg.daemon.listen, exc.strerror)
             self._stop.set()

@@ -7,6 +7,7 @@ only, never reads files, never touches engines.
 from __future__ import annotations
 
 import ipaddress
+import re
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Literal
@@ -26,6 +27,10 @@ MAX_ENTRIES = 256  # engines, profiles, schedule entries, args, env entries
 MAX_KEYS = 4096
 MAX_GPU = 255
 MAX_MODEL_LEN = 100_000_000  # tokens: ten times the longest context any model has today
+MAX_CONNECTIONS = 1_000_000
+# A name in `allowed_hosts`: a hostname, ".example.com" (it and its subdomains) or "*" (any).
+_LABEL = r"[A-Za-z0-9_][A-Za-z0-9_-]{0,62}"
+_HOST_PATTERN = re.compile(rf"^(\*|\.?{_LABEL}(\.{_LABEL})*\.?)$")
 
 _ms = timedelta(milliseconds=1)
 _s = timedelta(seconds=1)
@@ -54,6 +59,29 @@ class DaemonConfig(Strict):
     stop_engines_on_exit: bool | None = None
     gpu_headroom: Size = 1024**3
     kv_idle_after: Short = timedelta(seconds=30)
+    # The listener's defences (gpud.listener): a request head must arrive within
+    # header_timeout of the connection (or of its first byte after a keep-alive wait), an
+    # idle keep-alive connection is closed after idle_timeout, and at max_connections the
+    # longest-idle connection makes room for a new one (none idle: the new one gets a 503).
+    header_timeout: Annotated[Duration, between(100 * _ms, timedelta(minutes=10))] = \
+        timedelta(seconds=10)
+    idle_timeout: Annotated[Duration, between(100 * _ms, timedelta(hours=1))] = \
+        timedelta(seconds=60)
+    max_connections: int = Field(default=8192, ge=16, le=MAX_CONNECTIONS)
+    # Host names the API, the page and an open inference endpoint answer to, besides IP
+    # addresses and localhost (a DNS-rebinding page names its own host; gpud.web.hosts).
+    allowed_hosts: list[Annotated[str, Field(max_length=253)]] = Field(
+        default_factory=list, max_length=MAX_ENTRIES)
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _hosts(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if not _HOST_PATTERN.match(name):
+                raise ValueError(
+                    f"{name!r} is not a host name: write \"gpu-box.lan\", \".example.com\" "
+                    "(it and its subdomains) or \"*\" (any host: no check), without a port")
+        return [n.lower().rstrip(".") if n != "*" else n for n in value]
 
     @field_validator("listen")
     @classmethod

@@ -18,19 +18,21 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import json
-import math
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Final
 
 from aiohttp import web
-from multidict import CIMultiDict
 
 from .api import Backend, ModelRoute, ModelUnavailable, ProxyObserver
 from .auth import ApiKey, KeyRing
+from .errors import Reject, error_response, timed_out, unreachable
 from .limits import ModelGate, QueueFull
+from .relay import ALIAS, MARKS, ModelRename, drop, mark, relay
+from .routing import rename_request, request_headers, route_for
 from .upstream import UpstreamClient, UpstreamError, UpstreamResponse
+
+__all__ = ["INFERENCE_PATHS", "MAX_BODY", "ModelRename", "Proxy", "error_response"]
 
 INFERENCE_PATHS: Final = (
     "/v1/chat/completions",
@@ -40,132 +42,12 @@ INFERENCE_PATHS: Final = (
     "/tokenize",
     "/detokenize",
 )
-# Paths whose `model` field vLLM treats as optional: one model served, it is used.
-_MODEL_OPTIONAL: Final = frozenset({"/tokenize", "/detokenize"})
-# Headers worth relaying; everything hop-by-hop or gpud's own (Authorization) stays behind.
-_FORWARD_REQUEST_HEADERS: Final = ("Accept", "X-Request-Id", "Traceparent")
-_RELAY_RESPONSE_HEADERS: Final = (
-    ("content-type", "Content-Type"),
-    ("content-encoding", "Content-Encoding"),
-    ("x-request-id", "X-Request-Id"),
-)
-_SSE: Final = "text/event-stream"
 _QUEUE_FULL_RETRY_AFTER: Final = "1"
 MAX_BODY: Final = 64 * 1024 * 1024  # long prompts and inline images; aiohttp's default is 1 MiB
 _UPSTREAM_KEEPALIVE: Final = 3.0  # below uvicorn's 5 s, so we never reuse a socket it closes
 
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def error_response(
-    status: int,
-    message: str,
-    code: str,
-    *,
-    type_: str = "invalid_request_error",
-    param: str | None = None,
-    retry_after: float | None = None,
-) -> web.Response:
-    """gpud's own error, in OpenAI's error JSON shape, with a `gpud_` code."""
-    body = {"error": {"message": message, "type": type_, "param": param, "code": f"gpud_{code}"}}
-    headers = None
-    if retry_after is not None:
-        headers = {"Retry-After": str(max(1, math.ceil(retry_after)))}
-    return web.json_response(body, status=status, headers=headers)
-
-
-
-def _mark(request: web.Request, name: str) -> None:
-    marks = request.get(_MARKS)
-    if marks is not None:
-        marks[name] = round((time.perf_counter() - marks["t0"]) * 1000, 3)
-
-
-_MARKS = web.RequestKey("gpud_timing_marks", dict)
-
-
-class _StreamResponse(web.StreamResponse):
-    """Headers go out with the first chunk, in one send: on the first token's path a
-    separate send costs ~0.1 ms of loopback TCP (aiohttp's own web.Response does this)."""
-
-    _send_headers_immediately = False
-
-def _request_headers(request: web.Request) -> bytes:
-    """The header lines relayed to the engine, each ending in CRLF."""
-    rh = request.headers
-    extra = b"Content-Type: " + rh.get("Content-Type", "application/json").encode() + b"\r\n"
-    for h in _FORWARD_REQUEST_HEADERS:
-        v = rh.get(h)
-        if v is not None:
-            extra += f"{h}: {v}\r\n".encode()
-    return extra
-
-
-def _drop(sent: asyncio.Future[UpstreamResponse] | None) -> None:
-    """Give up a request sent ahead of a wake: its engine connection closes, and vLLM drops
-    the request it queued (the client of that connection is gone)."""
-    if sent is None:
-        return
-    if not sent.done():
-        sent.cancel()  # UpstreamClient.post aborts the connection when cancelled
-    elif not sent.cancelled() and sent.exception() is None:
-        sent.result().close()
-
-
-def _rename_request(body: bytes, name: str) -> bytes:
-    """The body with `model` set to the engine's served name (an alias was asked for)."""
-    payload = json.loads(body)
-    payload["model"] = name
-    return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
-
-
-class _ModelRename:
-    """Writes the name the client asked for (an alias) back into the engine's answer.
-
-    vLLM serves one name (`--served-model-name`, the model's own) and writes it as
-    `"model":"NAME"` (pydantic's compact JSON); every such key becomes the alias. The
-    pattern cannot occur inside a JSON string (its quotes would be escaped), so only
-    real `model` keys change. A streamed answer is rewritten line by line: a chunk's
-    last, unfinished line waits for the next chunk, so a key split across two reads is
-    still found.
-    """
-
-    __slots__ = ("_carry", "_pairs")
-
-    def __init__(self, served: str, asked: str) -> None:
-        self._pairs = [
-            (f'"model"{sep}{json.dumps(served)}'.encode(),
-             f'"model"{sep}{json.dumps(asked, ensure_ascii=False)}'.encode())
-            for sep in (":", ": ")
-        ]
-        self._carry = b""
-
-    def whole(self, body: bytes) -> bytes:
-        for old, new in self._pairs:
-            body = body.replace(old, new)
-        return body
-
-    def chunk(self, data: bytes) -> bytes:
-        """The rewritten complete lines of `carry + data`; the rest waits."""
-        data = self._carry + data
-        end = data.rfind(b"\n") + 1
-        self._carry = data[end:]
-        return self.whole(data[:end])
-
-    def rest(self) -> bytes:
-        """What is left once the answer ended (a last line without a newline)."""
-        data, self._carry = self._carry, b""
-        return self.whole(data)
-
-
-_ALIAS = web.RequestKey("gpud_alias", _ModelRename)
-
-
-class _Reject(Exception):
-    """Raised inside the handler to answer with an error response."""
-
-    def __init__(self, response: web.Response) -> None:
-        self.response = response
+_ModelRename = ModelRename  # the name tests know it by
 
 
 class Proxy:
@@ -286,17 +168,6 @@ class Proxy:
             self._alias_src = routes
         return self._aliases.get(name)
 
-    def _unknown_model(self, name: str, key: ApiKey | None) -> _Reject:
-        known = sorted(n for n in self.backend.routes() if key is None or key.allows(n))
-        return _Reject(
-            error_response(
-                404,
-                f"The model {name!r} does not exist. Known models: {', '.join(known) or '(none)'}.",
-                "model_not_found",
-                param="model",
-            )
-        )
-
     # -- handlers ------------------------------------------------------------
 
     async def handle_models(self, request: web.Request) -> web.Response:
@@ -347,22 +218,22 @@ class Proxy:
         marks: dict[str, Any] | None = None
         if self.timings is not None:
             marks = {"t0": t0, "at": time.time(), "path": path}
-            request[_MARKS] = marks
+            request[MARKS] = marks
         try:
             key = self._authenticate(request)
             if isinstance(key, web.Response):
-                raise _Reject(key)
+                raise Reject(key)
             body = await request.read()
-            route, asked = self._route_for(body, path, key)
+            route, asked = route_for(self.backend.routes(), self.resolve, body, path, key)
             model = route.name
             if asked is not None:
-                body = _rename_request(body, route.name)
-                request[_ALIAS] = _ModelRename(route.name, asked)
+                body = rename_request(body, route.name)
+                request[ALIAS] = ModelRename(route.name, asked)
             if marks is not None:
                 marks["model"] = model
-                _mark(request, "routed_ms")
+                mark(request, "routed_ms")
             resp, ttft = await self._admit_and_forward(request, path, body, route, t0)
-        except _Reject as r:
+        except Reject as r:
             resp, ttft = r.response, None
         except asyncio.CancelledError:
             if observer is not None:  # 499: the client closed the request (nginx's code)
@@ -382,46 +253,6 @@ class Proxy:
             marks.pop("t0", None)
             marks["status"] = status
             self.timings.append(marks)
-
-    def _route_for(
-        self, body: bytes, path: str, key: ApiKey | None
-    ) -> tuple[ModelRoute, str | None]:
-        """The route of the request, and the alias it named (None: the model's own name)."""
-        try:
-            payload = json.loads(body)
-        except ValueError:
-            raise _Reject(
-                error_response(400, "The request body is not valid JSON.", "invalid_json")
-            ) from None
-        name = payload.get("model") if isinstance(payload, dict) else None
-        if name is None and path in _MODEL_OPTIONAL:
-            routes = self.backend.routes()
-            if len(routes) == 1:
-                return next(iter(routes.values())), None
-        if not isinstance(name, str):
-            known = ", ".join(sorted(self.backend.routes()))
-            raise _Reject(
-                error_response(
-                    400,
-                    f"Name the model in the `model` field. Known models: {known or '(none)'}.",
-                    "model_required",
-                    param="model",
-                )
-            )
-        route = self.resolve(name)
-        if route is None or (key is not None and not key.allows(route.name)):
-            if route is not None and key is not None:
-                raise _Reject(
-                    error_response(
-                        403,
-                        f"The API key {key.name!r} may not use the model {route.name!r}.",
-                        "model_not_allowed",
-                        type_="permission_error",
-                        param="model",
-                    )
-                )
-            raise self._unknown_model(name, key)
-        return route, (None if name == route.name else name)
 
     async def _admit_and_forward(
         self, request: web.Request, path: str, body: bytes, route: ModelRoute, t0: float
@@ -448,23 +279,13 @@ class Proxy:
                         retry_after=float(_QUEUE_FULL_RETRY_AFTER),
                     ), None
                 except TimeoutError:
-                    return self._timed_out(route, "a free slot"), None
+                    return timed_out(route, "a free slot"), None
             try:
                 return await self._wake_and_send(request, path, body, route, t0)
             finally:
                 gate.release()
         finally:
             backend.request_finished(name)
-
-    def _timed_out(self, route: ModelRoute, what: str) -> web.Response:
-        return error_response(
-            503,
-            f"The model {route.name!r} did not get {what} within its request_timeout "
-            f"({route.request_timeout:g} s); retry later.",
-            "request_timeout",
-            type_="service_unavailable",
-            retry_after=min(max(route.request_timeout / 4, 1.0), 30.0),
-        )
 
     def _upstream_client(self) -> UpstreamClient:
         if self._client is None:
@@ -474,7 +295,7 @@ class Proxy:
     async def _wake_and_send(
         self, request: web.Request, path: str, body: bytes, route: ModelRoute, t0: float
     ) -> tuple[web.StreamResponse, float | None]:
-        headers = _request_headers(request)
+        headers = request_headers(request)
         sent: asyncio.Future[UpstreamResponse] | None = None
         base = self.backend.serving_upstream(route.name)
         if base is None:  # asleep, loading, failed: wait (no timer, no task when awake)
@@ -483,7 +304,7 @@ class Proxy:
                 return got, None
             base, sent = got
         else:
-            _mark(request, "upstream_ready_ms")
+            mark(request, "upstream_ready_ms")
         try:
             return await self._send(request, base, path, body, headers, route, t0, sent)
         finally:
@@ -508,14 +329,14 @@ class Proxy:
                 async with asyncio.timeout(remaining):
                     base = await self.backend.ready_upstream(route.name)
         except TimeoutError:
-            return self._timed_out(route, "a ready engine")
+            return timed_out(route, "a ready engine")
         except ModelUnavailable as e:
             return error_response(
                 503, e.reason, e.code, type_="service_unavailable", retry_after=e.retry_after
             )
-        _mark(request, "upstream_ready_ms")
+        mark(request, "upstream_ready_ms")
         if sent is not None and (base != early or (sent.done() and sent.exception())):
-            _drop(sent)  # served elsewhere, or the early send failed: send it now
+            drop(sent)  # served elsewhere, or the early send failed: send it now
             sent = None
         return base, sent
 
@@ -536,7 +357,7 @@ class Proxy:
                 # follows the wake in, is tokenized while the weights come back and runs
                 # the moment the engine is awake.
                 sent = asyncio.ensure_future(client.post(early, path, body, headers))
-                _mark(request, "sent_early_ms")
+                mark(request, "sent_early_ms")
             elif not ready.done():
                 # The engine answers connections while it wakes: connect now, not after.
                 task = asyncio.create_task(client.preconnect(waking[0]))
@@ -545,7 +366,7 @@ class Proxy:
             return await ready, early, sent
         except BaseException:
             ready.cancel()
-            _drop(sent)
+            drop(sent)
             raise
 
     async def _early(self, model: str, ready: asyncio.Future[str]) -> str | None:
@@ -582,88 +403,9 @@ class Proxy:
             if upstream is None:
                 upstream = await client.post(base, path, body, headers)
         except (UpstreamError, OSError, TimeoutError) as e:
-            return error_response(
-                502,
-                f"The engine of {route.name!r} did not answer ({e}); gpud restarts it if it died.",
-                "upstream_unreachable",
-                type_="service_unavailable",
-            ), None
+            return unreachable(route, e), None
         except BaseException:
-            _drop(sent)
+            drop(sent)
             raise
-        _mark(request, "upstream_head_ms")
-        try:
-            uh = upstream.headers
-            out = CIMultiDict[str]()
-            for lower, name in _RELAY_RESPONSE_HEADERS:
-                v = uh.get(lower)
-                if v is not None:
-                    out[name] = v
-            rename = request.get(_ALIAS)
-            if rename is not None and "content-encoding" in uh:
-                rename = None  # compressed: relayed as it is
-            if not uh.get("content-type", "").startswith(_SSE):
-                raw = await upstream.read()
-                if rename is not None:
-                    raw = rename.whole(raw)
-                return web.Response(body=raw, status=upstream.status, headers=out), None
-            return await self._stream(request, upstream, out, route, t0, rename)
-        except UpstreamError as e:
-            return error_response(
-                502,
-                f"The engine of {route.name!r} broke off its answer ({e}).",
-                "upstream_broken",
-                type_="service_unavailable",
-            ), None
-        finally:
-            # Cancellation (client gone) or error: drop the engine socket, which makes
-            # the engine abort the request. No-op once the body was read to its end.
-            upstream.close()
-
-    async def _stream(
-        self,
-        request: web.Request,
-        upstream: UpstreamResponse,
-        headers: CIMultiDict[str],
-        route: ModelRoute,
-        t0: float,
-        rename: _ModelRename | None = None,
-    ) -> tuple[web.StreamResponse, float | None]:
-        headers["Cache-Control"] = "no-cache"
-        headers["X-Accel-Buffering"] = "no"
-        resp = _StreamResponse(status=upstream.status, headers=headers)
-        await resp.prepare(request)
-        ttft: float | None = None
-        try:
-            while chunk := await upstream.readany():
-                if rename is not None and not (chunk := rename.chunk(chunk)):
-                    continue  # no whole line yet
-                if ttft is None:
-                    _mark(request, "upstream_first_chunk_ms")
-                    await resp.write(chunk)
-                    ttft = time.perf_counter() - t0
-                    _mark(request, "first_chunk_written_ms")
-                else:
-                    await resp.write(chunk)  # waits for the client to drain: backpressure
-            if rename is not None and (chunk := rename.rest()):
-                await resp.write(chunk)
-        except UpstreamError as e:
-            # The engine broke off mid-stream: say so in-band (the SDKs raise on it).
-            err = {
-                "error": {
-                    "message": f"The engine of {route.name!r} broke off its answer "
-                    f"({type(e).__name__}).",
-                    "type": "service_unavailable",
-                    "param": None,
-                    "code": "gpud_upstream_broken",
-                }
-            }
-            try:
-                await resp.write(b"data: " + json.dumps(err).encode() + b"\n\n")
-            except ConnectionResetError:
-                return resp, ttft
-        except ConnectionResetError:
-            return resp, ttft  # the client left; _send drops the engine socket
-        with contextlib.suppress(ConnectionResetError):
-            await resp.write_eof()
-        return resp, ttft
+        mark(request, "upstream_head_ms")
+        return await relay(request, upstream, route, t0)

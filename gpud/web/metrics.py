@@ -183,6 +183,46 @@ class StateCollector(Collector):
             kv_page.add_metric([gpu], float(g.get("page_size", 0)))
 
 
+class ConnectionCollector(Collector):
+    """The listener's connections (gpud.listener.ConnectionGuard), read at scrape time."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+
+    def describe(self) -> Iterable[Metric]:
+        return list(self._families())
+
+    @staticmethod
+    def _families() -> tuple[GaugeMetricFamily, CounterMetricFamily, CounterMetricFamily,
+                             CounterMetricFamily]:
+        return (
+            GaugeMetricFamily("gpud_http_connections", "Open client connections of gpud's "
+                              "listener, by kind: open, cap (max_connections as applied)",
+                              labels=["kind"]),
+            CounterMetricFamily("gpud_http_connections_refused", "Connections answered 503 "
+                                "at the cap because every open one had a request in "
+                                "progress."),
+            CounterMetricFamily("gpud_http_connections_closed", "Connections gpud closed, by "
+                                "reason: header_timeout, idle_timeout, evicted (the "
+                                "longest-idle one, at the cap).", labels=["reason"]),
+            CounterMetricFamily("gpud_http_accept_failures", "Accepts that failed for want "
+                                "of file descriptors (EMFILE/ENFILE)."),
+        )
+
+    def collect(self) -> Iterable[Metric]:
+        conns, refused, closed, accept = families = self._families()
+        guard = getattr(self.daemon, "guard", None)
+        stats: dict[str, Any] = guard.stats() if guard is not None else {
+            "open": 0, "cap": 0, "refused": 0, "closed": {}, "accept_failures": 0}
+        conns.add_metric(["open"], float(stats["open"]))
+        conns.add_metric(["cap"], float(stats["cap"]))
+        refused.add_metric([], float(stats["refused"]))
+        for reason in ("header_timeout", "idle_timeout", "evicted"):
+            closed.add_metric([reason], float(stats["closed"].get(reason, 0)))
+        accept.add_metric([], float(stats["accept_failures"]))
+        return families
+
+
 class GpudMetrics:
     """gpud's registry: the scrape-time collector plus the histograms fed as things happen."""
 
@@ -203,6 +243,7 @@ class GpudMetrics:
             buckets=RECONCILE_BUCKETS, registry=self.registry)
         self.state = StateCollector(daemon)
         self.registry.register(self.state)
+        self.registry.register(ConnectionCollector(daemon))
         self._task: asyncio.Task[None] | None = None
         self._queue: asyncio.Queue[dict[str, Any]] | None = None
 
