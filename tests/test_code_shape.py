@@ -30,6 +30,18 @@ def _length(node: ast.AST) -> int:
     return node.end_lineno - node.lineno + 1
 
 
+def test_no_class_over_400_lines() -> None:
+    big = {name: _length(n) for name, n in _nodes()
+           if isinstance(n, ast.ClassDef) and _length(n) > MAX_CLASS}
+    assert big == {}, f"classes over {MAX_CLASS} lines: {big}"
+
+
+def test_no_function_over_60_lines() -> None:
+    big = {name: _length(n) for name, n in _nodes()
+           if not isinstance(n, ast.ClassDef) and _length(n) > MAX_FUNCTION}
+    assert big == {}, f"functions over {MAX_FUNCTION} lines: {big}"
+
+
 def test_no_other_list_of_instance_states() -> None:
     """A list, tuple, set or JS array naming three or more engine states is a copy that can
     drift (the page once missed `moving`); only gpud/states.py may spell them out."""

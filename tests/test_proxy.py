@@ -175,6 +175,7 @@ class FakeBackend:
         self._routes = dict(routes)
         self.awake = {name: r.state == "awake" for name, r in routes.items()}
         self.wake_delay = 0.1
+        self.wake_gate: asyncio.Event | None = None  # when set: the wake ends when it is set
         self.unavailable: dict[str, str] = {}
         self.wakes: SingleFlight[str, str] = SingleFlight()
         self.started: dict[str, int] = {}
@@ -202,7 +203,10 @@ class FakeBackend:
         return await self.wakes.run(model, lambda: self._wake(model))
 
     async def _wake(self, model: str) -> str:
-        await asyncio.sleep(self.wake_delay)
+        if self.wake_gate is not None:
+            await self.wake_gate.wait()
+        else:
+            await asyncio.sleep(self.wake_delay)
         if model in self.fail_wake:
             raise ModelUnavailable(self.fail_wake[model], retry_after=3)
         self.awake[model] = True
@@ -562,13 +566,14 @@ async def test_request_to_an_asleep_model_wakes_it_once_for_twenty(env: Env) -> 
 
 async def test_the_engine_socket_is_opened_while_the_model_wakes(env: Env) -> None:
     """The wake's time is used to connect, so the request is sent the moment it ends."""
-    env.backend.wake_delay = 0.3
+    env.backend.wake_gate = gate = asyncio.Event()
     req = asyncio.create_task(env.post("/v1/completions", {"model": "sleepy", "prompt": "x"}))
     assert env.proxy._client is not None
     pools = env.proxy._client._pools
     await wait_until(lambda: env.up.url in pools and len(pools[env.up.url].idle) == 1)
     assert not env.backend.awake["sleepy"]  # connected while the engine still wakes
     connected = next(iter(pools[env.up.url].idle))
+    gate.set()
     r = await req
     assert r.status == 200
     assert list(pools[env.up.url].idle) == [connected]  # that socket carried the request
@@ -579,11 +584,12 @@ async def test_a_request_is_sent_while_the_engine_wakes_when_it_queues_meanwhile
 ) -> None:
     """An engine that queues requests while asleep (vLLM 0.17+) gets the request as its wake
     starts; the answer is relayed once the wake is over, byte for byte."""
-    env.backend.wake_delay = 0.3
+    env.backend.wake_gate = gate = asyncio.Event()
     env.backend.early["sleepy"] = env.up.url
     req = asyncio.create_task(env.post("/v1/chat/completions", chat_body("sleepy", stream=True)))
     await wait_until(lambda: len(env.up.seen) == 1)
     assert not env.backend.awake["sleepy"]  # the engine has it, and is still waking
+    gate.set()
     r = await req
     assert r.status == 200
     text = await r.text()

@@ -146,13 +146,11 @@ class KVPoolServer:
     def status(self) -> dict[str, object]:
         s = pool_status(self.pools)
         s["socket"] = os.fspath(self.path)
-        s["clients"] = [
-            {"pid": c.peer.pid, "model": c.tenant, "gpu": c.gpu, "pages": len(c.pages)}
-            for c in sorted(self._conns, key=lambda c: c.peer.pid)
-        ]
-        s["held_back"] = {
-            t: len(p) for _g, t, p in sorted(self._held_back.values(), key=lambda v: v[1])
-        }
+        s["clients"] = [{"pid": c.peer.pid, "model": c.tenant, "gpu": c.gpu,
+                         "pages": len(c.pages)}
+                        for c in sorted(self._conns, key=lambda c: c.peer.pid)]
+        held = sorted(self._held_back.values(), key=lambda v: v[1])
+        s["held_back"] = {t: len(p) for _g, t, p in held}
         return s
 
     def set_activity(self, tenant: str, activity: Activity) -> None:

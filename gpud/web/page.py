@@ -299,6 +299,11 @@ def _legend(colour: str, label: str, value: Any) -> str:
             f'<span class="sub">{esc(human_bytes(value))}</span></li>')
 
 
+def _ticks() -> str:
+    return "".join(f'<span class="tick" style="left:{h / 24 * 100:.3f}%">{h:02d}</span>'
+                   for h in range(0, 25, 3))
+
+
 def render_schedule(daemon: Daemon, status: dict[str, Any]) -> str:
     r = daemon.reconciler
     now = r.now()
@@ -344,8 +349,7 @@ def render_schedule(daemon: Daemon, status: dict[str, Any]) -> str:
             f'<div class="tseg" style="left:{left:.3f}%;width:{width:.3f}%;background:{bg}" '
             f'title="{esc(label)} {s0:%H:%M}–{"24:00" if s1 == end else s1.strftime("%H:%M")}">'
             f'<span>{esc(label) if width > 8 else ""}</span></div>')
-    ticks = "".join(f'<span class="tick" style="left:{h / 24 * 100:.3f}%">{h:02d}</span>'
-                    for h in range(0, 25, 3))
+    ticks = _ticks()
     next_mark = ""
     if nb:
         at = datetime.fromisoformat(nb["at"])
