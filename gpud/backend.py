@@ -156,6 +156,14 @@ class ProxyBackend(LoopState):
             reason = next(i.reason for i in insts if i.state == State.FAILED)
             raise ModelUnavailable(f"model {model!r} has failed: {reason}", retry_after=30)
         loaded = any(i.state not in (State.UNLOADED, State.FAILED) for i in insts)
+        restarting = self._restarting(insts) if not loaded else []
+        if restarting:
+            # A crash backoff: the loop starts the engine again by itself when it ends.
+            wait = max(1.0, min(i.retry_at for i in restarting) - self._mono())
+            raise ModelUnavailable(
+                f"model {model!r} is restarting after its engine stopped "
+                f"({restarting[0].last_error or restarting[0].reason}); next start in "
+                f"{wait:.0f}s", retry_after=wait + 1, code="model_restarting")
         if not loaded and not m.load_on_demand:
             raise ModelUnavailable(
                 f"model {model!r} is unloaded and does not allow load_on_demand", retry_after=60,
@@ -182,6 +190,16 @@ class ProxyBackend(LoopState):
             if failed and not self._serving(model):
                 raise ModelUnavailable(f"model {model!r} failed: {failed[0].reason}",
                                        retry_after=30)
+
+    def _restarting(self, insts: list[Instance]) -> list[Instance]:
+        """The instances waiting out a crash backoff that the loop will start again."""
+        if not any(i.state == State.UNLOADED and (i.retry_at > self._mono()
+                                                  or i.backoff.consecutive) for i in insts):
+            return []
+        desired = self.desired()
+        return [i for i in insts if i.state == State.UNLOADED and (
+            i.retry_at > self._mono() or i.backoff.consecutive) and not i.backoff.failed
+            and (d := desired.get(i.key)) is not None and d.state != State.UNLOADED]
 
     def _wake_now(self, model: str) -> bool:
         """Wake-on-request's fast path: start the wake here, not a loop pass later.

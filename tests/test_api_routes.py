@@ -54,21 +54,8 @@ when = "otherwise"
 
 
 def build_app(daemon: Daemon) -> web.Application:
-    """The application `Daemon.serve` runs (without test hooks)."""
-    make = getattr(daemon, "make_app", None)
-    if make is not None:
-        app: web.Application = make()
-        return app
-    from gpud.proxy.app import Proxy
-    from gpud.web import api, metrics, page
-
-    app = web.Application()
-    daemon.proxy = Proxy(daemon.reconciler, keys=daemon._keyring())
-    daemon.proxy.install(app)
-    api.install(app, daemon)
-    page.install(app, daemon)
-    metrics.install(app, daemon)
-    return app
+    """The application `Daemon.serve` runs (without test hooks): its middlewares included."""
+    return daemon.make_app()
 
 
 @pytest.fixture
@@ -139,22 +126,35 @@ BAD: list[tuple[str, str, Any, int]] = [
     ("POST", "/api/v1/models/chat/sleep", b"{not json", 400),
     ("POST", "/api/v1/models/chat/sleep", [1, 2], 400),
     ("POST", "/api/v1/models/chat/sleep", "just a string", 400),
-    ("POST", "/api/v1/models/chat/sleep", {"for": "soon"}, 400),
-    ("POST", "/api/v1/models/chat/sleep", {"for": ["5m"]}, 400),
-    ("POST", "/api/v1/models/chat/sleep", {"level": 3}, 400),
-    ("POST", "/api/v1/models/chat/sleep", {"level": "2"}, 400),
+    ("POST", "/api/v1/models/chat/sleep", {"for": "soon"}, 422),
+    ("POST", "/api/v1/models/chat/sleep", {"for": ["5m"]}, 422),
+    ("POST", "/api/v1/models/chat/sleep", {"level": 3}, 422),
+    ("POST", "/api/v1/models/chat/sleep", {"level": "2"}, 422),
+    ("POST", "/api/v1/models/chat/sleep", {"level": True}, 422),
+    ("POST", "/api/v1/models/chat/sleep", {"for": "99999999999d"}, 422),
+    ("POST", "/api/v1/models/chat/sleep", {"for": 1e300}, 422),
+    ("POST", "/api/v1/models/chat/move", {"gpu": 7}, 422),
+    ("POST", "/api/v1/models/chat/move", {"gpu": True}, 422),
+    ("POST", "/api/v1/models/chat/move", {"gpu": -1}, 422),
+    ("POST", "/api/v1/models/chat/sleep", b"[" * 100_000, 400),
+    ("POST", "/api/v1/reload", b"[" * 100_000 + b"]" * 100_000, 400),
+    ("POST", "/v1/chat/completions", b"[" * 100_000 + b"]" * 100_000, 400),
+    ("POST", "/v1/completions", b'{"model": ' + b"[" * 100_000, 400),
+    ("GET", "/no/such/route", None, 404),
+    ("DELETE", "/healthz", None, 405),
+    ("PUT", "/v1/chat/completions", {}, 405),
     ("POST", "/api/v1/models/chat/sleep", b"\xff\xfe", 400),
     ("POST", "/api/v1/models/chat/explode", {}, 404),
     ("POST", "/api/v1/models/nope/sleep", {}, 404),
     ("POST", "/api/v1/models/%3Cscript%3E/wake", {}, 404),
-    ("PUT", "/api/v1/profile", b"", 400),
+    ("PUT", "/api/v1/profile", b"", 422),  # no body: the profile field is missing
     ("PUT", "/api/v1/profile", b"{not json", 400),
-    ("PUT", "/api/v1/profile", {}, 400),
-    ("PUT", "/api/v1/profile", {"profile": "nope"}, 400),
-    ("PUT", "/api/v1/profile", {"profile": 7}, 400),
-    ("PUT", "/api/v1/profile", {"profile": ["day"]}, 400),
-    ("PUT", "/api/v1/profile", {"profile": "day", "for": "forever"}, 400),
-    ("PUT", "/api/v1/profile", {"profile": "day", "for": -5}, 400),
+    ("PUT", "/api/v1/profile", {}, 422),
+    ("PUT", "/api/v1/profile", {"profile": "nope"}, 422),
+    ("PUT", "/api/v1/profile", {"profile": 7}, 422),
+    ("PUT", "/api/v1/profile", {"profile": ["day"]}, 422),
+    ("PUT", "/api/v1/profile", {"profile": "day", "for": "forever"}, 422),
+    ("PUT", "/api/v1/profile", {"profile": "day", "for": -5}, 422),
     ("PUT", "/api/v1/profile", [], 400),
     ("DELETE", "/api/v1/profile", b"{not json", None),
     ("POST", "/api/v1/reload", b"{not json", 400),
@@ -182,6 +182,7 @@ async def test_bad_input_gets_a_clear_4xx_never_a_500(
     if want is None:  # a route that ignores its body: fine as long as it is not a 500
         return
     assert resp.status == want, text
+    assert resp.content_type == "application/json", text
     data = json.loads(text)
     message = data["error"]["message"]
     assert isinstance(message, str) and len(message) > 10

@@ -231,3 +231,28 @@ async def test_a_request_for_a_failed_model_is_answered_not_held(tmp_path: Path)
     except ModelUnavailable as exc:
         answer: Any = exc
     assert "has failed" in str(answer)
+
+
+async def test_a_request_during_a_crash_backoff_is_told_the_model_restarts(
+        tmp_path: Path) -> None:
+    """Not 'unloaded ... load_on_demand': the client hears the engine stopped and when the
+    next start is, and a Retry-After that covers it."""
+    from gpud.backend import ModelUnavailable
+
+    clock = at("2026-03-30T10:00:00")
+    loop = DataLoop(tmp_path, clock)
+    loop.fail_loads = 1
+    await loop.settle()
+    assert loop.instances["chat"].state == State.UNLOADED
+    try:
+        await loop.ready_upstream("chat")
+    except ModelUnavailable as exc:
+        assert "is restarting after its engine stopped" in str(exc), exc
+        assert "load_on_demand" not in str(exc)
+        assert exc.code == "model_restarting" and exc.retry_after >= 2
+    else:
+        raise AssertionError("a model in its crash backoff was served")
+    clock.advance(2)
+    await loop.settle()
+    assert loop.state() == State.AWAKE
+    assert await loop.ready_upstream("chat")

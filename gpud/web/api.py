@@ -2,7 +2,8 @@
 
 Reads are snapshots of the reconciler's state; writes are messages to it (overrides, reloads),
 never direct changes to engines. Writes need the admin credential: a loopback peer, or the
-admin token. Bad input gets a 4xx in OpenAI's error shape, never a 500.
+admin token. Bad input gets a 4xx in OpenAI's error shape, never a 500: 400 for a body that
+is not a JSON object, 422 for a field whose value is refused (a duration, a level, a GPU).
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
         return {}
     try:
         body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         raise web.HTTPBadRequest(
             text=json.dumps({"error": {"message": "the body is not valid JSON",
                                        "code": "gpud_bad_json", "type": "invalid_request_error"}}),
@@ -74,7 +75,7 @@ def _until(body: dict[str, Any], daemon: Daemon) -> datetime | web.Response | No
     try:
         return daemon.reconciler.now() + parse_duration(raw)
     except ValueError as exc:
-        return error(400, f"'for': {exc}")
+        return error(422, f"'for': {exc}", "bad_value")
 
 
 def _cross_site(request: web.Request) -> bool:
@@ -157,20 +158,33 @@ async def model_action(request: web.Request) -> web.Response:
         return until
     if verb == "move":
         gpu = body.get("gpu")
-        if not isinstance(gpu, int) or isinstance(gpu, bool) or gpu < 0:
-            return error(400, "'gpu' must be a GPU index (an integer >= 0)")
+        refused = _unknown_gpu(gpu, sorted(d.reconciler.gpus))
+        if refused is not None:
+            return error(422, refused, "bad_value")
         d.reconciler.set_override(name, None, until, f"moved to GPU {gpu} by an operator",
                                   gpu=gpu)
         return web.json_response({"ok": True, "message": f"{name}: moving to GPU {gpu}"})
     level = body.get("level")
-    if level not in (None, 1, 2):
-        return error(400, "level must be 1 or 2")
+    if level is not None and (isinstance(level, bool) or level not in (1, 2)):
+        return error(422, f"'level' must be 1 or 2 (got {json.dumps(level)[:40]})",
+                     "bad_value")
     reason = f"{verb} by an operator"
     d.reconciler.set_override(name, VERBS[verb], until, reason,
                               level=level if verb == "sleep" else None)
     msg = f"{name}: {verb} requested" + (f" until {until.isoformat(timespec='minutes')}"
                                          if until else "")
     return web.json_response({"ok": True, "message": msg})
+
+
+def _unknown_gpu(gpu: object, known: list[int]) -> str | None:
+    """Why `gpu` is no place to move to (None: it is one of the GPUs gpud sees)."""
+    if not isinstance(gpu, int) or isinstance(gpu, bool) or gpu < 0:
+        return f"'gpu' must be a GPU index, an integer >= 0 (got {json.dumps(gpu)[:40]})"
+    if gpu not in known:
+        if not known:
+            return f"GPU {gpu} is not a GPU gpud sees: NVML reports none on this host"
+        return f"GPU {gpu} does not exist on this host; its GPUs: {', '.join(map(str, known))}"
+    return None
 
 
 async def override_delete(request: web.Request) -> web.Response:
@@ -193,7 +207,8 @@ async def profile_put(request: web.Request) -> web.Response:
     name = body.get("profile")
     if not isinstance(name, str) or name not in d.reconciler.config.profiles:
         known = ", ".join(d.reconciler.config.profiles) or "none"
-        return error(400, f"'profile' must name a defined profile (defined: {known})")
+        return error(422, f"'profile' must name a defined profile (defined: {known})",
+                     "bad_value")
     until = _until(body, d)
     if isinstance(until, web.Response):
         return until
