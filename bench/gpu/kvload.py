@@ -206,13 +206,15 @@ def render(phase: str, r: dict[str, Any]) -> str:
     out = [f"### {phase}", ""]
     if "error" in r or "skipped" in r:
         return "\n".join([*out, f"not measured: {r.get('error') or r.get('skipped')}", ""])
-    pooled = r.get("pooled") or r.get("pool") or {}
+    label = "kvcached" if "kvcached" in r else "pooled"
+    pooled = r.get("pooled") or r.get("pool") or r.get("kvcached") or {}
     fixed = r.get("fixed") or {}
-    rows = [("fixed", fixed), ("pooled", pooled)]
+    rows = [("fixed", fixed), (label, pooled)]
     for name in sorted(pooled.get("per_model", {})):
         rows += [(f"fixed f{name}", fixed.get("per_model", {}).get(f"f{name}", {})),
-                 (f"pooled {name}", pooled["per_model"][name])]
+                 (f"{label} {name}", pooled["per_model"][name])]
     out += table(rows)
-    ratios = r.get("pooled_over_fixed") or r.get("pool_over_fixed") or {}
-    out += ["", "pooled / fixed: " + ", ".join(f"{k} {v}" for k, v in ratios.items()), ""]
+    ratios = (r.get("pooled_over_fixed") or r.get("pool_over_fixed")
+              or r.get("kvcached_over_fixed") or {})
+    out += ["", f"{label} / fixed: " + ", ".join(f"{k} {v}" for k, v in ratios.items()), ""]
     return "\n".join(out)
