@@ -702,31 +702,52 @@ def phase_kvcached(args: argparse.Namespace, work: Path, shim: Path) -> dict[str
     V2 runner). kvcached has no ledger: its engines share the GPU's free memory, so a hog
     here leaves free exactly what it would need to hold the same total KV bytes as contend
     (kvcached's own headroom, 1 - KVCACHED_GPU_UTILIZATION of the GPU, on top)."""
+    return _v1_contention(args, work, shim, pooled=False)
+
+
+def phase_anchor(args: argparse.Namespace, work: Path, shim: Path) -> dict[str, Any]:
+    """The anchor in one run: the same schedule on fixed thirds, on gpud's pool and on
+    kvcached, all nine engines on the V1 runner (kvcached's), started at once. The pooled
+    engines stop (and the pool closes) before the hog is taken for kvcached."""
+    return _v1_contention(args, work, shim, pooled=True)
+
+
+def _v1_contention(args: argparse.Namespace, work: Path, shim: Path,
+                   pooled: bool) -> dict[str, Any]:
     import kvload
 
-    total = args.contend_bytes
+    total, pages = args.contend_bytes, args.contend_bytes // PAGE
     models = ["m0", "m1", "m2"]
     res: dict[str, Any] = {"total_kv_bytes": total, "fixed_each_bytes": total // 3,
-                           "runner": "V1", "kvcached_utilization": KVC_UTILIZATION}
+                           "runner": "V1", "kvcached_utilization": KVC_UTILIZATION,
+                           "rate": args.rate, "burst_s": args.burst_s, "rounds": args.rounds,
+                           "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens}
     if not CPU and not (KVC_SITE / "kvcached").is_dir():
         return {**res, "error": f"kvcached is not built in {KVC_SITE} "
                 "(bench/gpu/kvcached_probe.sh --build; see its log)"}
     kvc = {} if CPU else {"ENABLE_KVCACHED": "true", "KVCACHED_AUTOPATCH": "1",
                           "KVCACHED_GPU_UTILIZATION": str(KVC_UTILIZATION)}
+    kname = {m: f"k{m}" if pooled else m for m in models}
+    pool = None
     engines = [Engine(f"f{m}", args.model, 8161 + i, work, kv_bytes=total // 3, sock=None,
                       v1=True, extra=args.extra, shim=shim) for i, m in enumerate(models)]
-    engines += [Engine(m, args.model, 8171 + i, work, kv_bytes=total, sock=None, v1=True,
-                       extra=args.extra, shim=shim, sleep_mode=False,
+    engines += [Engine(kname[m], args.model, 8171 + i, work, kv_bytes=total, sock=None,
+                       v1=True, extra=args.extra, shim=shim, sleep_mode=False,
                        env_extra={**kvc, "KVCACHED_IPC_NAME": f"gpudbench_kvc_{m}"} if kvc
                        else None, path_first="" if CPU else str(KVC_SITE))
                 for i, m in enumerate(models)]
+    if pooled:
+        sock = work / "anchor.sock"
+        pool = Pool(sock, [TenantSpec(m, 16, pages, 10) for m in models], pages)
+        for m in models:
+            pool.set_idle(m)
+        engines += [Engine(m, args.model, 8181 + i, work, kv_bytes=total, sock=sock, v1=True,
+                           extra=args.extra, shim=shim) for i, m in enumerate(models)]
     wait_all(args, engines)
     by = {e.name: e for e in engines}
     hog = None
     try:
         res["start_s"] = {e.name: round(e.start_s, 1) for e in engines}
-        if not CPU:
-            hog, res["memory"] = _hog_for_kvcached(by, models, total)
         sched = kvload.contention_schedule(args.seed + 3, models, args.rounds, args.burst_s,
                                            args.gap_s, args.rate, args.prompt_tokens,
                                            args.max_tokens)
@@ -734,24 +755,40 @@ def phase_kvcached(args: argparse.Namespace, work: Path, shim: Path) -> dict[str
         res["fixed"] = burst_on([by[f"f{m}"] for m in models],
                                 renamed(sched, {m: f"f{m}" for m in models}))
         save(res)
-        res["kvcached"] = burst_on([by[m] for m in models], sched)
+        if pool is not None:
+            res["pool"] = burst_on([by[m] for m in models], sched,
+                                   on_start=lambda m: pool.set_activity(m, Activity.AWAKE),
+                                   on_idle=pool.set_idle)
+            res["pool_over_fixed"] = kvload.compare(res["pool"], res["fixed"])
+            res["plugin_log"] = [ln for m in models for ln in plugin_lines(by[m], 2)]
+            save(res)
+            for m in models:  # the pool's pages go back to the driver before the hog
+                by[m].stop()
+            pool.close()
+            pool = None
         if not CPU:
-            res["memory"]["after_run"] = {m: gpu_mem_by_group().get(by[m].proc.pid)
+            hog, res["memory"] = _hog_for_kvcached(by, models, total, kname)
+        res["kvcached"] = burst_on([by[kname[m]] for m in models],
+                                   renamed(sched, kname))
+        if not CPU:
+            res["memory"]["after_run"] = {m: gpu_mem_by_group().get(by[kname[m]].proc.pid)
                                           for m in models}
         res["kvcached_over_fixed"] = kvload.compare(res["kvcached"], res["fixed"])
-        res["kvcached_log"] = [ln[-300:] for m in models for ln in by[m].log.read_text(
+        res["kvcached_log"] = [ln[-300:] for m in models for ln in by[kname[m]].log.read_text(
             errors="replace").splitlines() if "kvcached" in ln.lower()][-12:]
     finally:
         for e in engines:
             e.stop()
+        if pool is not None:
+            pool.close()
         del hog  # the hog goes before the cache is emptied
         if "torch" in sys.modules:
             sys.modules["torch"].cuda.empty_cache()
     return res
 
 
-def _hog_for_kvcached(by: dict[str, Engine], models: list[str],
-                      total: int) -> tuple[Any, dict[str, Any]]:
+def _hog_for_kvcached(by: dict[str, Engine], models: list[str], total: int,
+                      kname: dict[str, str]) -> tuple[Any, dict[str, Any]]:
     """Take GPU memory so that kvcached's engines can hold ``total`` KV bytes among them.
     What each already holds (its idle reserve) is its process's memory less a stock V1
     engine's without its KV (the fixed engine of the same model, minus its third)."""
@@ -762,7 +799,7 @@ def _hog_for_kvcached(by: dict[str, Engine], models: list[str],
     groups = gpu_mem_by_group()
     fixed = [groups.get(by[f"f{m}"].proc.pid, 0) - total // 3 for m in models]
     base = sorted(fixed)[1]  # a stock engine without its KV, the median of three
-    held = {m: groups.get(by[m].proc.pid, 0) - base for m in models}
+    held = {m: groups.get(by[kname[m]].proc.pid, 0) - base for m in models}
     headroom = int(gpu_total * (1 - KVC_UTILIZATION))
     leave = headroom + max(0, total - sum(max(0, h) for h in held.values()))
     take = max(0, free0 - leave)
@@ -770,14 +807,15 @@ def _hog_for_kvcached(by: dict[str, Engine], models: list[str],
     free1 = torch.cuda.mem_get_info()[0]
     return hog, {"gpu_total": gpu_total, "free_before_hog": free0, "hog_bytes": take,
                  "free_after_hog": free1, "kvcached_headroom": headroom,
-                 "engine_mem": {e: groups.get(by[e].proc.pid) for e in by},
+                 "engine_mem": {e: groups.get(by[e].proc.pid) for e in by
+                                if by[e].proc.poll() is None},
                  "kvcached_held_at_idle": held, "stock_engine_without_kv": base,
                  "kv_room_for_kvcached": free1 - headroom + sum(max(0, h) for h in held.values())}
 
 
 # Rough seconds per phase on the H100 (a phase is skipped when less is left).
 NEEDS = {"smoke": 90, "v2": 240, "v1": 200, "share": 240, "solo": 120, "share2": 140,
-         "contend": 200, "kvcached": 200}
+         "contend": 200, "kvcached": 200, "anchor": 280}
 
 
 def _headline(r: dict[str, Any]) -> dict[str, Any]:
@@ -799,7 +837,7 @@ def _headline(r: dict[str, Any]) -> dict[str, Any]:
 
 
 LOAD_PHASES = {"solo": phase_solo, "share2": phase_share2, "contend": phase_contend,
-               "kvcached": phase_kvcached}
+               "kvcached": phase_kvcached, "anchor": phase_anchor}
 
 
 def main() -> None:
@@ -838,8 +876,9 @@ def main() -> None:
         import kvload
 
         data = json.loads(Path(args.render).read_text())
-        phases = {k: v for k, v in data.items() if k in LOAD_PHASES} or {
-            Path(args.render).stem.removeprefix("kvplugin-"): data}
+        stem = Path(args.render).stem  # kvplugin.json: every phase; kvplugin-X.json: X alone
+        phases = ({k: v for k, v in data.items() if k in LOAD_PHASES} if "-" not in stem
+                  else {stem.split("-", 1)[1]: data})
         print("\n".join(kvload.render(k, v) for k, v in phases.items()))
         return
     global CPU, PYTHON, DEADLINE, SAVE
