@@ -124,6 +124,13 @@ class Growth:
     step_groups: int = 8
     #: ... and at least this share of what is mapped (a burst ramps up geometrically).
     step_share: float = 1 / 2
+    #: Free blocks that hold a prefix-cache entry are kept (grown around, as stock vLLM with its
+    #: whole budget mapped keeps them) up to this many groups' worth; past that they count as
+    #: free and vLLM evicts the oldest, as it does under pressure. Growing around every cached
+    #: block maps the whole kv_max in any burst of unique prompts, and that mapping competes
+    #: with the engine's own thread (H200, bench/results/kvplugin-h200.md). kvcached caps its
+    #: cache the same way (KVCACHED_MAX_CACHED_TOKENS, 16000 tokens).
+    cache_groups: int = 16
 
     def low_blocks(self, mapped_groups: int, blocks_per_group: int) -> int:
         return max(self.low_groups, int(mapped_groups * self.low_share)) * blocks_per_group

@@ -340,10 +340,12 @@ def _make_block_pool(mod: ModuleType) -> type:
                 return
             # Stock vLLM has its whole budget mapped and evicts a cached block only when no
             # never-used one is left; so grow (ahead of need) before cached blocks reach the
-            # front. The walk is capped; past the cap the free count decides.
+            # front, while they are fewer than the cache cap (Growth.cache_groups). The walk
+            # is capped; past the cap the free count decides.
             cap = 512
             fresh = self.fresh_ahead(cap)
-            self.link.keep_ahead(free if fresh >= cap else fresh)
+            keep = self.link.growth.cache_groups * self.link.geometry.blocks_per_group
+            self.link.keep_ahead(free if fresh >= cap or free - fresh >= keep else fresh)
 
         def get_new_blocks(self, num_blocks: int) -> list[Any]:
             if num_blocks > self.get_num_free_blocks():

@@ -75,6 +75,20 @@ fresh = p2.get_new_blocks(6)
 link2.settle()
 print("cache kept", all(x.block_hash is not None for x in cached), "groups", link2.summary()["groups_mapped"], "fresh", sorted(x.block_id for x in fresh), "ahead", p2.fresh_ahead(64))
 link2.book.check()
+# With the cache capped (Growth.cache_groups=0 here), cached free blocks count as free: no growth.
+capped = Growth(low_groups=1, low_share=0, step_groups=1, step_share=0, cache_groups=0)
+link3 = PoolLink(geo, FakePool(cap=2*5), MemfdGroupMapper(2, PAGE), growth=capped); link3.start()
+p3 = Pool(num_gpu_blocks=40, enable_caching=True, hash_block_size=16, link=link3)
+link3.settle()
+c3 = p3.get_new_blocks(7)
+for x in c3:
+    x._block_hash, x._block_hash_num_tokens = b"h%d" % x.block_id, 16
+p3.free_blocks(c3)
+link3.settle()
+f3 = p3.get_new_blocks(6)
+link3.settle()
+print("cache capped: groups", link3.summary()["groups_mapped"], "cached", sum(x.block_hash is not None for x in c3))
+link3.book.check()
 """
 
 
@@ -100,4 +114,6 @@ def test_block_pool_patch_on_real_vllm_0_26(tmp_path: Path) -> None:
     assert "sleep pages 2 free 0" in out.stdout and "woke free 7" in out.stdout
     # The 7 cached blocks stay cached; never-used ones went first, and more are mapped ahead.
     assert "cache kept True groups 3 fresh [1, 2, 3, 4, 5, 15] ahead 10" in out.stdout, out.stdout
+    # Past the cache cap, cached free blocks count as free: the pool does not grow for them.
+    assert "cache capped: groups 2 cached 7" in out.stdout, out.stdout
     assert sys.version_info >= (3, 11)

