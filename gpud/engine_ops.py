@@ -116,7 +116,9 @@ class EngineOps(LoopState):
         log.info("%s: starting engine on port %d: %s", inst.key, port, " ".join(argv))
         started = time.monotonic()
         try:
-            proc = EngineProcess.spawn(inst.key, argv, env, self.log_dir)
+            proc = EngineProcess.spawn(inst.key, argv, env, self.log_dir,
+                                       log_bytes=self.config.daemon.engine_log_size,
+                                       log_files=self.config.daemon.engine_log_files)
         except EngineError as exc:
             self._failed_start(inst, str(exc))
             return False
@@ -180,7 +182,9 @@ class EngineOps(LoopState):
         self.events.publish("move", model=inst.key, phase="starting", gpu=d.gpu, previous=old_gpu)
         try:
             env = self._tagged(build_env(spec, dict(os.environ)), inst.key, port, d.spec_hash)
-            proc = EngineProcess.spawn(inst.key, build_argv(spec, port), env, self.log_dir)
+            proc = EngineProcess.spawn(inst.key, build_argv(spec, port), env, self.log_dir,
+                                       log_bytes=self.config.daemon.engine_log_size,
+                                       log_files=self.config.daemon.engine_log_files)
         except EngineError as exc:
             return self._move_failed(inst, d, str(exc))
         client = VllmClient(f"http://127.0.0.1:{port}", self.session)
