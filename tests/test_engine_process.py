@@ -172,7 +172,7 @@ async def test_a_chatty_engine_never_exceeds_its_log_budget(tmp_path: Path) -> N
     on_disk = _log_files(tmp_path, "chatty")
     assert set(on_disk) == {"chatty.log", "chatty.log.1", "chatty.log.2"}, on_disk
     assert all(n <= size for n in on_disk.values()), on_disk
-    assert max(sizes_seen + [sum(on_disk.values())]) <= size * files
+    assert max([*sizes_seen, sum(on_disk.values())]) <= size * files
     newest = (tmp_path / "chatty.log").read_text()
     assert newest.rstrip().endswith("done")
     older = (tmp_path / "chatty.log.1").read_text()

@@ -594,6 +594,15 @@ class EngineProcess:
         """The leader (the API server) has not exited."""
         return not self._leader_exited.is_set()
 
+    @property
+    def on_line(self) -> Callable[[str], None] | None:
+        """Called on the loop with each new line of the engine's log (load phases)."""
+        return self._follower.on_line
+
+    @on_line.setter
+    def on_line(self, callback: Callable[[str], None] | None) -> None:
+        self._follower.on_line = callback
+
     def log_tail(self, n: int | None = None) -> list[str]:
         """The last `n` (default: all kept, up to 2000) lines of the engine's output."""
         lines = list(self._ring)
