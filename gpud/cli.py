@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from gpud import __version__
+from gpud.cli_fmt import colour_wanted, flags_text, paint, state_text, table
 from gpud.config import DEFAULT_PATH, ConfigError, LoadedConfig, load_config, zone_of
 from gpud.states import State
 
@@ -40,11 +41,38 @@ def _load_or_exit(path: Path | None) -> LoadedConfig:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    loaded = _load_or_exit(_config_path(args.file))
+    path = _config_path(args.file)
+    try:
+        loaded = load_config(path)
+    except ConfigError as exc:
+        if args.json:
+            print(json.dumps({"valid": False, "errors": [str(e) for e in exc.errors]},
+                             indent=2))
+        else:
+            for err in exc.errors:
+                print(err, file=sys.stderr)
+        return 1
     n = len(loaded.config.models)
-    files = ", ".join(str(s.path) for s in loaded.sources)
-    print(f"{files}: valid ({n} model{'s' * (n != 1)}, revision {loaded.revision})")
-    return 0
+    files = [str(s.path) for s in loaded.sources]
+    problems: list[Any] = []
+    if args.box:
+        from gpud.box import check_box
+
+        problems = check_box(loaded.config)
+    if args.json:
+        out: dict[str, Any] = {"valid": True, "files": files, "models": n,
+                               "revision": loaded.revision}
+        if args.box:
+            out["box"] = [p.to_json() for p in problems]
+        print(json.dumps(out, indent=2))
+    else:
+        print(f"{', '.join(files)}: valid ({n} model{'s' * (n != 1)}, revision "
+              f"{loaded.revision})")
+        if args.box:
+            from gpud.box import print_problems
+
+            print_problems(problems, colour_wanted(sys.stdout))
+    return 1 if any(p.severity == "error" for p in problems) else 0
 
 
 def _parse_observed(text: str | None, desired: dict[str, Any]) -> dict[str, Any]:
@@ -217,11 +245,18 @@ def _base_url(args: argparse.Namespace) -> str:
     return f"http://{host}:{port}"
 
 
-def _admin_token() -> str | None:
-    path = os.environ.get("GPUD_ADMIN_TOKEN_FILE")
-    if path and Path(path).is_file():
-        return Path(path).read_text().strip()
-    return os.environ.get("GPUD_ADMIN_TOKEN")
+def _admin_token(args: argparse.Namespace | None = None) -> str | None:
+    """The admin token for a daemon that is not on loopback: --token-file, else
+    GPUD_ADMIN_TOKEN_FILE, else GPUD_ADMIN_TOKEN (see `gpud --help`)."""
+    path = getattr(args, "token_file", None) or os.environ.get("GPUD_ADMIN_TOKEN_FILE")
+    if path:
+        try:
+            return Path(path).read_text().strip()
+        except OSError as exc:
+            print(f"gpud: cannot read the admin token file {path}: {exc.strerror or exc}",
+                  file=sys.stderr)
+            raise SystemExit(2) from None
+    return os.environ.get("GPUD_ADMIN_TOKEN") or None
 
 
 def request(method: str, path: str, args: argparse.Namespace, body: Any = None,
@@ -230,7 +265,7 @@ def request(method: str, path: str, args: argparse.Namespace, body: Any = None,
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(_base_url(args) + path, data=data, method=method)
     req.add_header("Content-Type", "application/json")
-    token = _admin_token()
+    token = _admin_token(args)
     if token:
         req.add_header("Authorization", f"Bearer {token}")
     try:
@@ -267,26 +302,37 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(data, indent=2))
         return 0
+    for line in status_lines(data, colour_wanted(sys.stdout)):
+        print(line)
+    return 0
+
+
+def status_lines(data: dict[str, Any], colour: bool = False) -> list[str]:
+    """`gpud status` for people: the daemon's line, then a row per model."""
     cfg = data["config"]
     valid = "valid" if cfg["valid"] else f"INVALID: {cfg['error']}"
     if cfg.get("fallback"):
         valid = f"LAST GOOD (the file is invalid): {cfg['error']}"
-    print(f"gpud {data['daemon']['version']} pid {data['daemon']['pid']} · "
-          f"profile {data.get('profile') or '(none)'} · config {cfg['revision']} {valid}")
+    out = [f"gpud {data['daemon']['version']} pid {data['daemon']['pid']} · "
+           f"profile {data.get('profile') or '(none)'} · config {cfg['revision']} {valid}"]
     if data["daemon"].get("listen_problem"):
-        print(f"listen: {data['daemon']['listen_problem']}")
-    rows = [("MODEL", "STATE", "DESIRED", "GPU", "MEMORY", "IN-FLIGHT", "REASON")]
+        out.append(f"listen: {data['daemon']['listen_problem']}")
+    rows = [["MODEL", "STATE", "DESIRED", "GPU", "PORT", "MEMORY", "IN-FLIGHT", "FLAGS",
+             "REASON"]]
     for name, m in data["models"].items():
         mem = m.get("memory_bytes")
-        rows.append((
-            name, m["state"], m["desired"], "-" if m["gpu"] is None else str(m["gpu"]),
+        rows.append([
+            name, paint(state_text(m), m["state"], colour), m["desired"],
+            "-" if m["gpu"] is None else str(m["gpu"]),
+            str(m["port"]) if m.get("port") else "-",
             "-" if not mem else f"{mem / 2**30:.1f}GiB",
-            f"{m.get('inflight', 0)}/{m.get('queued', 0)}", m["reason"],
-        ))
-    widths = [max(len(r[i]) for r in rows) for i in range(6)]
-    for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r[:6], widths, strict=False)) + "  " + r[6])
-    return 0
+            f"{m.get('inflight', 0)}/{m.get('queued', 0)}", flags_text(m), m["reason"],
+        ])
+    out += table(rows)
+    for name, m in data["models"].items():
+        if m.get("log_line"):
+            out.append(f"  {name} log: {m['log_line']}")
+    return out
 
 
 def reload_daemon(args: argparse.Namespace) -> tuple[int, dict[str, Any]] | None:
@@ -312,13 +358,36 @@ def cmd_reload(args: argparse.Namespace) -> int:
         msg = err.get("message") if isinstance(err, dict) else err
         print(f"gpud: {msg or 'reload refused'} (HTTP {status})", file=sys.stderr)
         return 1
+    if args.json and not args.wait:
+        print(json.dumps(data, indent=2))
+        return 0 if data.get("valid") else 1
     if data.get("valid"):
         changed = "changed" if data.get("changed") else "unchanged"
-        print(f"config {data['revision']} active ({changed})")
-        return 0
+        if not args.json:
+            print(f"config {data['revision']} active ({changed})")
+        return _then_wait(args, None, data)
+    if args.json:
+        print(json.dumps(data, indent=2))
     print(f"gpud: reload refused, still running {data.get('revision')}:\n{data.get('error')}",
           file=sys.stderr)
     return 1
+
+
+def _then_wait(args: argparse.Namespace, names: set[str] | None, answer: Any) -> int:
+    """After a command: with --wait, until the box matches or a model failed."""
+    if not getattr(args, "wait", False):
+        return 0
+    from gpud.cli_wait import wait_for_box
+
+    if args.json:
+        with open(os.devnull, "w") as quiet:
+            code = wait_for_box(args, names, args.timeout, out=quiet)
+        models = _api("GET", "/api/v1/status", args)["models"]
+        print(json.dumps({"answer": answer, "matched": code == 0,
+                          "models": {k: m for k, m in models.items()
+                                     if not names or m["model"] in names}}, indent=2))
+        return code
+    return wait_for_box(args, names, args.timeout)
 
 
 def cmd_model_action(args: argparse.Namespace) -> int:
@@ -328,12 +397,17 @@ def cmd_model_action(args: argparse.Namespace) -> int:
     if getattr(args, "level", None):
         body["level"] = args.level
     data = _api("POST", f"/api/v1/models/{args.model}/{args.verb}", args, body)
-    print(data.get("message", "ok"))
-    return 0
+    if args.json and not args.wait:
+        print(json.dumps(data, indent=2))
+        return 0
+    if not args.json:
+        print(data.get("message", "ok"))
+    return _then_wait(args, {args.model}, data)
 
 
 def cmd_auto(args: argparse.Namespace) -> int:
-    print(_api("DELETE", f"/api/v1/models/{args.model}/override", args).get("message", "ok"))
+    data = _api("DELETE", f"/api/v1/models/{args.model}/override", args)
+    print(json.dumps(data, indent=2) if args.json else data.get("message", "ok"))
     return 0
 
 
@@ -341,8 +415,13 @@ def cmd_move(args: argparse.Namespace) -> int:
     body: dict[str, Any] = {"gpu": args.gpu}
     if args.for_:
         body["for"] = args.for_
-    print(_api("POST", f"/api/v1/models/{args.model}/move", args, body).get("message", "ok"))
-    return 0
+    data = _api("POST", f"/api/v1/models/{args.model}/move", args, body)
+    if args.json and not args.wait:
+        print(json.dumps(data, indent=2))
+        return 0
+    if not args.json:
+        print(data.get("message", "ok"))
+    return _then_wait(args, {args.model}, data)
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
@@ -381,11 +460,32 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(Path(args.dir) if args.dir else None, listen=args.listen)
 
 
+ENVIRONMENT = """\
+environment:
+  GPUD_CONFIG            config file (as --config)
+  GPUD_URL               the daemon's base URL (as --url)
+  GPUD_ADMIN_TOKEN_FILE  a file holding the admin token (as --token-file)
+  GPUD_ADMIN_TOKEN       the admin token itself
+  NO_COLOR               set (to anything): no colour even on a terminal
+
+A daemon on another machine takes writes (sleep, wake, load, reload, set...) only with its
+admin token, the one in the file its [auth] admin_token_file names: pass the same token
+with --token-file or GPUD_ADMIN_TOKEN_FILE (or GPUD_ADMIN_TOKEN). On loopback no token is
+needed. Exit codes: 0 done, 1 refused or invalid, 2 usage or no daemon, 3 --wait timed out.
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="gpud", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="gpud", description=__doc__.split("\n")[0],
+                                epilog=ENVIRONMENT,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"gpud {__version__}")
-    p.add_argument("--url", help="the daemon's base URL (default: from the config's listen)")
+    p.add_argument("--url", help="the daemon's base URL (default: GPUD_URL, else the "
+                   "config's listen)")
     p.add_argument("--config", help="config file (default /etc/gpud/gpud.toml or GPUD_CONFIG)")
+    p.add_argument("--token-file", metavar="FILE",
+                   help="the admin token for a remote daemon's writes (default: "
+                   "GPUD_ADMIN_TOKEN_FILE, else GPUD_ADMIN_TOKEN)")
     sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     _local_verbs(sub)
@@ -407,8 +507,15 @@ def _local_verbs(sub: Any) -> None:
                    help="stop engines on a clean stop (default yes; a crash never stops them)")
     s.set_defaults(func=cmd_run)
 
-    s = sub.add_parser("check", help="validate a config file (exit 0 valid, 1 invalid)")
-    s.add_argument("file", nargs="?")
+    s = sub.add_parser("check", help="validate a config file (exit 0 valid, 1 invalid); "
+                       "with --box, also this machine")
+    s.add_argument("file", nargs="?", help="the file (default: --config, GPUD_CONFIG, else "
+                   "/etc/gpud/gpud.toml)")
+    s.add_argument("--box", action="store_true",
+                   help="also check that this machine can run the file: each engine command "
+                   "runs, local sources exist, HF ids resolve (cache or token), GPUs and "
+                   "ports; each problem with its fix (exit 1 on an error)")
+    s.add_argument("--json", action="store_true", help=JSON_HELP)
     s.set_defaults(func=cmd_check)
 
     s = sub.add_parser("plan", help="what the daemon would do (dry run)")
@@ -422,48 +529,80 @@ def _local_verbs(sub: Any) -> None:
                    help="as if a policy asked for MODEL awake|asleep|unloaded (repeatable)")
     s.add_argument("--gpus", help='check fit against GPU memory: {"0": {"total": "80GiB", '
                    '"free": "60GiB"}}')
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--json", action="store_true", help=JSON_HELP)
     s.set_defaults(func=cmd_plan)
 
     s = sub.add_parser("demo", help="run the daemon with two tiny real models")
     s.add_argument("--dir", help="state directory for the demo (default .state/demo)")
-    s.add_argument("--listen", default="127.0.0.1:8080")
+    s.add_argument("--listen", default="127.0.0.1:8080",
+                   help="where the demo serves (default 127.0.0.1:8080)")
     s.set_defaults(func=cmd_demo)
+
+
+JSON_HELP = "print the answer as one JSON object (for scripts)"
+WAIT_FOR = {"sleep": "the model is asleep", "wake": "the model is awake",
+            "load": "the model is loaded (awake)", "unload":
+            "the model is unloaded"}
+
+
+def _wait_options(s: argparse.ArgumentParser, what: str) -> None:
+    s.add_argument("--wait", action="store_true",
+                   help=f"return once {what} (exit 0), or once a model failed (exit 1, saying "
+                   "which and why); shows the load's phases as it goes")
+    s.add_argument("--timeout", type=_seconds, metavar="DURATION",
+                   help="with --wait: give up after this long (exit 3), e.g. 20m")
+    s.add_argument("--json", action="store_true", help=JSON_HELP)
+
+
+def _seconds(text: str) -> float:
+    from gpud.config.units import parse_duration
+
+    try:
+        return parse_duration(text).total_seconds()
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _daemon_verbs(sub: Any) -> None:
     """Verbs that talk to a running daemon's API."""
     s = sub.add_parser("status", help="what the box is doing and why")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--json", action="store_true", help=JSON_HELP)
     s.set_defaults(func=cmd_status)
 
     s = sub.add_parser("reload", help="reload the config file")
-    s.add_argument("--wait", action="store_true", help="return once the new config is active")
+    _wait_options(s, "the box matches the new config")
     s.set_defaults(func=cmd_reload)
 
     for verb in ("sleep", "wake", "load", "unload"):
         s = sub.add_parser(verb, help=f"{verb} a model (a manual override)")
-        s.add_argument("model")
-        s.add_argument("--for", dest="for_", help="expire the override after this duration")
+        s.add_argument("model", help="the model's name (its [models.NAME] table)")
+        s.add_argument("--for", dest="for_", metavar="DURATION",
+                       help="expire the override after this duration (e.g. 2h)")
         if verb == "sleep":
-            s.add_argument("--level", type=int, choices=(1, 2))
+            s.add_argument("--level", type=int, choices=(1, 2),
+                           help="1: weights to host memory (fast wake); 2: weights dropped")
+        _wait_options(s, WAIT_FOR[verb])
         s.set_defaults(func=cmd_model_action, verb=verb)
 
     s = sub.add_parser("auto", help="drop a model's manual override (back to file/schedule)")
-    s.add_argument("model")
+    s.add_argument("model", help="the model's name")
+    s.add_argument("--json", action="store_true", help=JSON_HELP)
     s.set_defaults(func=cmd_auto)
 
     s = sub.add_parser("move", help="move a model to another GPU without downtime")
-    s.add_argument("model")
-    s.add_argument("--gpu", type=int, required=True)
-    s.add_argument("--for", dest="for_", help="expire the override after this duration")
+    s.add_argument("model", help="the model's name")
+    s.add_argument("--gpu", type=int, required=True, help="the GPU index to move it to")
+    s.add_argument("--for", dest="for_", metavar="DURATION",
+                   help="expire the override after this duration")
+    _wait_options(s, "the model serves from the new GPU")
     s.set_defaults(func=cmd_move)
 
     s = sub.add_parser("profile", help="show or force the active profile")
-    s.add_argument("name", nargs="?")
-    s.add_argument("--for", dest="for_", help="expire the forced profile after this duration")
+    s.add_argument("name", nargs="?", help="the profile to force (omit to show the active one)")
+    s.add_argument("--for", dest="for_", metavar="DURATION",
+                   help="expire the forced profile after this duration")
     s.add_argument("--auto", action="store_true", help="return to the schedule")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--json", action="store_true", help=JSON_HELP)
     s.set_defaults(func=cmd_profile)
 
 

@@ -8,6 +8,8 @@ running daemon to reload (and say so when none answers; the file is written eith
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import sys
 import time
@@ -58,9 +60,22 @@ def _target_file(args: argparse.Namespace) -> Path:
 
 
 def cmd_set(args: argparse.Namespace) -> int:
+    if not args.json:
+        return _set(args, {})
+    report: dict[str, Any] = {}
+    with contextlib.redirect_stdout(io.StringIO()) as said:
+        code = _set(args, report)
+    report["messages"] = [ln for ln in said.getvalue().splitlines()
+                          if ln and not ln.startswith(("---", "+++", "@@", "+", "-", " "))]
+    print(json.dumps({"ok": code == 0, **report}, indent=2))
+    return code
+
+
+def _set(args: argparse.Namespace, report: dict[str, Any]) -> int:
     from gpud.config.edit import EditError, edit_file, parse_value
 
     path = _target_file(args)
+    report.update(path=str(path), key=args.key, changed=False, written=False)
     if not getattr(args, "config", None):
         args.config = str(path)  # the daemon to reload listens where this file says
     unset = args.verb == "unset"
@@ -79,6 +94,7 @@ def cmd_set(args: argparse.Namespace) -> int:
     if not result.changed:
         print(f"{path}: {args.key} already has that value; nothing to do")
         return 0
+    report.update(changed=True, diff=result.diff())
     sys.stdout.write(result.diff())
     for warning in result.warnings:
         print(f"gpud: warning: {warning}", file=sys.stderr)
@@ -86,6 +102,7 @@ def cmd_set(args: argparse.Namespace) -> int:
         print("(dry run: the file is unchanged)")
         return 0
     print(f"{path}: written (valid)")
+    report["written"] = True
     if args.no_reload:
         return 0
     return _reload_after_edit(path, args)
@@ -136,8 +153,11 @@ def cmd_logs(args: argparse.Namespace) -> int:
     path = f"/api/v1/models/{urllib.parse.quote(args.model, safe='')}/logs"
     data = _api("GET", f"{path}?lines={args.lines}", args)
     shown: list[str] = list(data.get("lines", []))
+    if args.json and not args.follow:
+        print(json.dumps(data, indent=2))
+        return 0
     for line in shown:
-        print(line)
+        print(json.dumps({"model": args.model, "line": line}) if args.json else line)
     if not args.follow:
         return 0
     window = 2000
@@ -147,7 +167,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
         data = _api("GET", f"{path}?lines={window}", args)
         current = list(data.get("lines", []))
         for line in new_lines(shown, current):
-            print(line)
+            print(json.dumps({"model": args.model, "line": line}) if args.json else line)
         sys.stdout.flush()
         shown = current
 
@@ -169,7 +189,7 @@ def _print_event(event: dict[str, Any], as_json: bool) -> None:
 def _stream(args: argparse.Namespace, since: int, timeout: float | None) -> Any:
     req = urllib.request.Request(f"{_base_url(args)}/api/v1/events?since={since}")
     req.add_header("Accept", "text/event-stream")
-    token = _admin_token()
+    token = _admin_token(args)
     if token:
         req.add_header("Authorization", f"Bearer {token}")
     return urllib.request.urlopen(req, timeout=timeout)
@@ -226,6 +246,8 @@ def register(sub: Any) -> None:
                                       "running daemon's file, else /etc/gpud/gpud.toml)")
         s.add_argument("--dry-run", action="store_true", help="show the diff, write nothing")
         s.add_argument("--no-reload", action="store_true", help="do not ask the daemon to reload")
+        s.add_argument("--json", action="store_true",
+                       help="one JSON object: {path, changed, written, diff, reload}")
         s.add_argument("key", help="dotted key, e.g. models.chat.state or schedule.0.when")
         if verb == "set":
             s.add_argument("value", help="a TOML value (2, true, [\"a\"]) or else a string "
@@ -233,10 +255,12 @@ def register(sub: Any) -> None:
         s.set_defaults(func=cmd_set, verb=verb)
 
     s = sub.add_parser("logs", help="the tail of a model's engine log")
-    s.add_argument("model")
+    s.add_argument("model", help="the model's name (a replica: NAME#1)")
     s.add_argument("-n", "--lines", type=int, default=50, help="lines to show (default 50)")
     s.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
     s.add_argument("--interval", type=float, default=1.0, help=argparse.SUPPRESS)
+    s.add_argument("--json", action="store_true",
+                   help="one JSON object: {model, lines} (with -f: one per line)")
     s.set_defaults(func=cmd_logs)
 
     s = sub.add_parser("events", help="recent events (state changes, actions, reloads)")

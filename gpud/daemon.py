@@ -250,11 +250,11 @@ class Daemon:
         forced = None
         fp = r.forced_profile
         if fp is not None and fp.active(now):
-            forced = {"profile": fp.name, "until": fp.until.isoformat() if fp.until else None,
-                      "reason": fp.reason}
+            until = fp.until.isoformat(timespec="seconds") if fp.until else None
+            forced = {"profile": fp.name, "until": until, "reason": fp.reason}
         nb = r.next_boundary(now) if forced is None else None
         return {"profile": profile, "source": why, "forced": forced,
-                "next_boundary": {"at": nb.at.isoformat(), "profile": nb.profile,
+                "next_boundary": {"at": nb.at.isoformat(timespec="seconds"), "profile": nb.profile,
                                   "prewake_seconds": nb.prewake.total_seconds()} if nb else None,
                 "profiles": list(r.config.profiles)}
 

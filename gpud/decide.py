@@ -57,10 +57,10 @@ class Decision:
         c = self.composed
         nb = c.boundary
         return {
-            "at": self.at.isoformat(),
+            "at": self.at.isoformat(timespec="seconds"),
             "profile": c.profile,
             "profile_source": c.source,
-            "next_boundary": {"at": nb.at.isoformat(), "profile": nb.profile,
+            "next_boundary": {"at": nb.at.isoformat(timespec="seconds"), "profile": nb.profile,
                               "prewake_seconds": nb.prewake.total_seconds()} if nb else None,
             "desired": {k: str(d.state) for k, d in self.desired.items()},
             "reasons": {k: d.reason for k, d in self.desired.items()},

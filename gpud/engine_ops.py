@@ -20,6 +20,7 @@ from gpud.desired import (
     Layers,
     effective,
 )
+from gpud.engines.phases import LoadPhases
 from gpud.engines.process import (
     EngineError,
     EngineExited,
@@ -108,6 +109,8 @@ class EngineOps(LoopState):
         spec = self.spec_for(d)
         lo, hi = cfg.daemon.ports
         port = m.port if (m.port and d.replica == 0) else allocate_port(lo, hi, self._taken_ports())
+        if inst.crashed_spec is not None and inst.crashed_spec != d.spec_hash:
+            inst.restarts, inst.crashed_spec = 0, None  # a new config: old crashes say nothing
         inst.port, inst.spec_hash, inst.gpu = port, d.spec_hash, d.gpu
         inst.sleep_level = d.sleep_level
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -116,13 +119,16 @@ class EngineOps(LoopState):
         log.info("%s: starting engine on port %d: %s", inst.key, port, " ".join(argv))
         started = time.monotonic()
         try:
-            proc = EngineProcess.spawn(inst.key, argv, env, self.log_dir)
+            proc = EngineProcess.spawn(inst.key, argv, env, self.log_dir,
+                                       log_bytes=self.config.daemon.engine_log_size,
+                                       log_files=self.config.daemon.engine_log_files)
         except EngineError as exc:
             self._failed_start(inst, str(exc))
             return False
         inst.proc, inst.expect_exit = proc, False
         inst.client = VllmClient(inst.base_url or "", self.session)
         inst.started_at = time.time()
+        self._follow_phases(inst, proc)
         self._watch_exit(inst, proc)
         write_record(self.runtime_dir, EngineRecord.of(proc, port, d.spec_hash))
         try:
@@ -153,6 +159,23 @@ class EngineOps(LoopState):
             await self._warm_sleep(inst)
         return True
 
+    def _follow_phases(self, inst: Instance, proc: EngineProcess) -> None:
+        """Phases of this load from the engine's log lines, each one a `phase` event."""
+        load = inst.load = LoadPhases(time.time())
+
+        def line(text: str) -> None:
+            if inst.load is not load or inst.state != State.STARTING:
+                proc.on_line = None  # this load is over
+                return
+            before, since = load.phase, load.since
+            now = time.time()
+            if load.feed(text, now):
+                self.events.publish("phase", model=inst.key, phase=load.phase,
+                                    previous=before, seconds=round(now - since, 1),
+                                    elapsed=round(now - load.started, 1))
+
+        proc.on_line = line
+
     async def _is_ours(self, base_url: str, served: str) -> bool:
         """The server on our port serves our model (not another engine that took the port)."""
         try:
@@ -180,7 +203,9 @@ class EngineOps(LoopState):
         self.events.publish("move", model=inst.key, phase="starting", gpu=d.gpu, previous=old_gpu)
         try:
             env = self._tagged(build_env(spec, dict(os.environ)), inst.key, port, d.spec_hash)
-            proc = EngineProcess.spawn(inst.key, build_argv(spec, port), env, self.log_dir)
+            proc = EngineProcess.spawn(inst.key, build_argv(spec, port), env, self.log_dir,
+                                       log_bytes=self.config.daemon.engine_log_size,
+                                       log_files=self.config.daemon.engine_log_files)
         except EngineError as exc:
             return self._move_failed(inst, d, str(exc))
         client = VllmClient(f"http://127.0.0.1:{port}", self.session)
@@ -269,7 +294,7 @@ class EngineOps(LoopState):
 
     def _failed_start(self, inst: Instance, why: str) -> None:
         inst.last_error = why
-        inst.proc = None
+        inst.proc, inst.port, inst.client = None, None, None  # no engine listens there
         remove_record(self.runtime_dir, inst.key)
         delay = self._backoff(inst)
         tries = inst.backoff.consecutive
@@ -286,6 +311,8 @@ class EngineOps(LoopState):
             if inst.proc is not proc or inst.expect_exit:
                 return
             cause, detail = proc.crash_cause()
+            if inst.crashed_spec != inst.spec_hash:
+                inst.restarts, inst.crashed_spec = 0, inst.spec_hash
             inst.restarts += 1
             self.events.publish("crashed", model=inst.key, pid=proc.pid, cause=cause,
                                 detail=detail)

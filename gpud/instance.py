@@ -27,6 +27,7 @@ from gpud.desired import (
     Layers,
     Override,
 )
+from gpud.engines.phases import LoadPhases
 from gpud.engines.process import (
     EngineProcess,
 )
@@ -69,13 +70,15 @@ class Instance:
     port: int | None = None
     proc: EngineProcess | None = None
     client: VllmClient | None = None
-    restarts: int = 0
+    restarts: int = 0  # unexpected exits of engines of one spec (crashed_spec)
+    crashed_spec: str | None = None
     backoff: RestartPolicy = field(default_factory=RestartPolicy)
     retry_at: float = 0.0
     reason: str = ""
     last_error: str | None = None
     state_since: float = field(default_factory=time.time)
     started_at: float | None = None
+    load: LoadPhases | None = None  # the phases of the load under way (time.time())
     slept_once: bool = False
     sleep_level: int | None = 1  # None: not known (adopted asleep); the engine's metrics say
     # The engine queues requests while asleep (its scheduler paused: vLLM 0.17+), so one may

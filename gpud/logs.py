@@ -57,10 +57,12 @@ class JournalFormatter(logging.Formatter):
 
 
 class PlainFormatter(logging.Formatter):
-    """`2024-05-01 12:00:00,123 INFO gpud.reconcile: message` for terminals and files."""
+    """`2024-05-01 12:00:00 INFO gpud.reconcile: message` for terminals and files (to the
+    second: what a person reads; the journal keeps its own precise times)."""
 
     def __init__(self) -> None:
-        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s",
+                         datefmt="%Y-%m-%d %H:%M:%S")
 
 
 def journal_stream_matches(stream: TextIO, environ: dict[str, str] | None = None) -> bool:

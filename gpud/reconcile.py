@@ -389,13 +389,13 @@ class Reconciler(EngineOps, Observation, ProxyBackend, Views):
                 inst.backoff.reset()
                 inst.spec_hash = None
         self.events.publish("override", model=model, state=state, reason=reason,
-                            until=until.isoformat() if until else None)
+                            until=until.isoformat(timespec="seconds") if until else None)
         self.trigger()
 
     def force_profile(self, name: str, until: datetime | None, reason: str) -> None:
         self.forced_profile = ForcedProfile(name, until, reason)
         self.events.publish("profile", profile=name, reason="forced by an operator",
-                            until=until.isoformat() if until else None)
+                            until=until.isoformat(timespec="seconds") if until else None)
         self.trigger()
 
     def release_profile(self) -> None:

@@ -69,10 +69,14 @@ class Views(LoopState):
             reason = notes[inst.key]
         elif d is not None and inst.state in RUNNING and inst.state == d.state:
             reason = d.reason
+        m = self.config.models.get(inst.model)
+        idle = round(self._mono() - t.last_request, 1) if t.last_request else None
         return {
             "state": inst.state,
             "desired": d.state if d else State.UNLOADED,
             "reason": reason,
+            **self._progress(inst),
+            **_behaviour(m, d, inst.state, _quiet(t, self._mono(), inst.state_since)),
             "pid": inst.proc.pid if inst.proc else None,
             "port": inst.port,
             "gpu": inst.gpu if inst.gpu is not None else (d.gpu if d else None),
@@ -81,13 +85,29 @@ class Views(LoopState):
             "replica": inst.replica,
             "layer": d.layer if d else None,
             "inflight": t.inflight,
-            "idle_seconds": round(self._mono() - t.last_request, 1) if t.last_request else None,
+            "idle_seconds": idle,
             "last_error": inst.last_error,
             "state_since": datetime.fromtimestamp(inst.state_since).isoformat(timespec="seconds"),
             "uptime_seconds": round(time.time() - inst.started_at, 1) if inst.started_at
             and inst.proc else None,
             "spec_hash": inst.spec_hash,
         }
+
+    def _progress(self, inst: Instance) -> dict[str, Any]:
+        """How long this state has lasted; while starting, the load's phase and its time,
+        the phases before and the engine's last log line."""
+        now = time.time()
+        out: dict[str, Any] = {"state_seconds": round(max(0.0, now - inst.state_since), 1),
+                               "phase": None, "phase_seconds": None}
+        load = inst.load
+        if inst.state == State.STARTING and load is not None:
+            in_phase, _ = load.elapsed(now)
+            out.update(phase=load.phase, phase_seconds=round(in_phase, 1),
+                       phases=[{"phase": p, "seconds": s} for p, s in load.done])
+            tail = inst.proc.log_tail(1) if inst.proc is not None else []
+            if tail:
+                out["log_line"] = tail[0][-300:]
+        return out
 
     def status_models(self) -> dict[str, dict[str, Any]]:
         now = self.now()
@@ -151,3 +171,27 @@ class Views(LoopState):
                 continue
             if old != new:
                 self.footprints.record(fkey, new)
+
+
+def _quiet(t: ModelTraffic, mono: float, state_since: float) -> float:
+    """Seconds without a request since the model woke (desired.quiet_for's reading)."""
+    if t.inflight:
+        return 0.0
+    awake_for = max(0.0, time.time() - state_since)
+    return min(awake_for, mono - t.last_request) if t.last_request else awake_for
+
+
+def _behaviour(m: Any, d: DesiredModel | None, state: State, idle: float
+               ) -> dict[str, Any]:
+    """What explains what gpud does with a model besides its state: may a request load it,
+    is it kept awake, its priority, and when it sleeps for lack of requests."""
+    if m is None:
+        return {"load_on_demand": False, "pinned": False, "priority": 0,
+                "idle_sleep_after": None, "idle_sleep_in": None}
+    after = m.idle_sleep_after.total_seconds() if m.idle_sleep_after else None
+    sleep_in = None
+    if after is not None and state == State.AWAKE and (d is None or d.layer != "override"):
+        sleep_in = round(max(0.0, after - idle), 1)
+    return {"load_on_demand": m.load_on_demand, "pinned": m.pinned,
+            "priority": d.priority if d is not None else m.priority,
+            "idle_sleep_after": after, "idle_sleep_in": sleep_in}

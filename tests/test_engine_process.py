@@ -115,7 +115,7 @@ async def test_follower_reports_lines_with_the_model_name(
     assert getattr(recs[0], "model", None) == "echoer"
 
 
-async def test_gpuds_own_polls_stay_out_of_gpuds_log_but_in_the_ring(
+async def test_gpuds_own_polls_stay_out_of_the_engine_log_and_gpuds(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="gpud.engine")
@@ -130,7 +130,77 @@ async def test_gpuds_own_polls_stay_out_of_gpuds_log_but_in_the_ring(
     assert await asyncio.wait_for(proc.wait(), 5) == 0
     logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[poller]")]
     assert logged == [f"[poller] {ln}" for ln in lines[2:]]
-    assert proc.log_tail(4) == lines  # all of it in the ring (`gpud logs`) and the file
+    assert proc.log_tail(4) == lines[2:]  # `gpud logs` and the page: a failed poll stays
+    header, text = proc.log_path.read_text().split("\n", 1)
+    assert header.startswith("--- gpud ") and "starting poller" in header
+    assert "/is_sleeping" not in text and "/health HTTP/1.1\" 200" not in text
+    assert lines[3] in text
+
+
+# A chatty engine: numbered lines as fast as it can, a long line without a newline now and
+# then, gpud's polls in between; it says "done" at the end.
+CHATTY = r"""
+import sys
+out = sys.stdout
+for i in range(int(sys.argv[1])):
+    out.write(f"line {i:06d} " + "x" * (i % 300) + "\n")
+    if i % 50 == 0:
+        out.write('INFO:     127.0.0.1:4242 - "GET /is_sleeping HTTP/1.1" 200 OK\n')
+        out.write('INFO:     127.0.0.1:4242 - "GET /health HTTP/1.1" 200 OK\n')
+    if i % 997 == 0:
+        out.write("y" * 5000)
+out.write("done\n")
+out.flush()
+"""
+
+
+def _log_files(log_dir: Path, model: str) -> dict[str, int]:
+    return {p.name: p.stat().st_size for p in log_dir.glob(f"{model}.log*")}
+
+
+async def test_a_chatty_engine_never_exceeds_its_log_budget(tmp_path: Path) -> None:
+    """engine_log_size x engine_log_files is a cap at every instant, the newest lines are
+    kept in MODEL.log, the older in MODEL.log.1.., and gpud follows the file across rotations."""
+    size, files = 16 * 1024, 3
+    sizes_seen: list[int] = []
+    proc = EngineProcess.spawn("chatty", [sys.executable, "-c", CHATTY, "20000"], {},
+                               tmp_path, log_bytes=size, log_files=files)
+    while proc.running:  # the budget holds while it writes, not only at the end
+        sizes_seen.append(sum(_log_files(tmp_path, "chatty").values()))
+        await asyncio.sleep(0.01)
+    assert await asyncio.wait_for(proc.wait(), 30) == 0
+    on_disk = _log_files(tmp_path, "chatty")
+    assert set(on_disk) == {"chatty.log", "chatty.log.1", "chatty.log.2"}, on_disk
+    assert all(n <= size for n in on_disk.values()), on_disk
+    assert max([*sizes_seen, sum(on_disk.values())]) <= size * files
+    newest = (tmp_path / "chatty.log").read_text()
+    assert newest.rstrip().endswith("done")
+    older = (tmp_path / "chatty.log.1").read_text()
+    last_older = int(older.rsplit("line ", 1)[1][:6])
+    first_newest = int(newest.split("line ", 1)[1][:6])
+    assert first_newest > last_older  # .1 holds what came before
+    assert "/is_sleeping" not in newest + older and "/health" not in newest + older
+    assert proc.log_tail(1) == ["done"]  # followed into each new file
+    assert any(ln.startswith("line 019") for ln in proc.log_tail())
+
+
+async def test_the_log_writer_outlives_gpud_and_keeps_the_cap(tmp_path: Path) -> None:
+    """gpud stops watching (it exits; the next one adopts): the engine still logs, capped."""
+    code = ("import sys, time\n"
+            "for i in range(400):\n"
+            "    print('tick', i, 'z' * 100, flush=True)\n"
+            "    time.sleep(0.002)\n")
+    proc = EngineProcess.spawn("alone", [sys.executable, "-c", code], {}, tmp_path,
+                               log_bytes=4096, log_files=2)
+    proc.close()  # gpud is gone
+    deadline = time.monotonic() + 30
+    while "tick 399" not in (tmp_path / "alone.log").read_text():
+        assert time.monotonic() < deadline, _log_files(tmp_path, "alone")
+        assert sum(_log_files(tmp_path, "alone").values()) <= 4096 * 2
+        await asyncio.sleep(0.01)
+    assert all(n <= 4096 for n in _log_files(tmp_path, "alone").values())
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pgid, signal.SIGKILL)
 
 
 async def test_kill9_of_leader_is_seen_at_once_and_takes_the_group(

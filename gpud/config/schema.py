@@ -59,6 +59,9 @@ class DaemonConfig(Strict):
     stop_engines_on_exit: bool | None = None
     gpu_headroom: Size = 1024**3
     kv_idle_after: Short = timedelta(seconds=30)
+    # Each engine's log: at most engine_log_files files (MODEL.log, .1, ...) of this size.
+    engine_log_size: Annotated[Size, Field(ge=4096, le=1024**4)] = 64 * 1024**2
+    engine_log_files: int = Field(default=4, ge=1, le=100)
     # The listener's defences (gpud.listener): a request head must arrive within
     # header_timeout of the connection (or of its first byte after a keep-alive wait), an
     # idle keep-alive connection is closed after idle_timeout, and at max_connections the

@@ -1,11 +1,13 @@
 """Engine process supervision: spawn, follow, detect exit, stop, and explain a crash.
 
 An engine must outlive gpud (a daemon restart must not cost minutes of model loading), so
-each engine runs in its own session and process group, writes stdout/stderr straight into
-a log file that gpud follows (a pipe to gpud would break, and can kill the engine, the
-moment gpud dies), and is watched through a pidfd, which works the same for a child gpud
-spawned and for an engine it adopted after a restart. vLLM's EngineCore and workers live
-in the engine's process group, so stopping or losing the leader takes the whole group.
+each engine runs in its own session and process group, writes stdout/stderr into a pipe
+read by its own log writer (`logwriter.py`: a small process of its own that caps, rotates
+and outlives gpud; a pipe to gpud would break, and can kill the engine, the moment gpud
+dies) into a log file that gpud follows, and is watched through a pidfd, which works the
+same for a child gpud spawned and for an engine it adopted after a restart. vLLM's
+EngineCore and workers live in the engine's process group, so stopping or losing the leader
+takes the whole group.
 This module must never run a shell string, never signal a process group it cannot tie to
 an engine (pgid <= 1, gpud's own group), and never reap children it did not spawn.
 """
@@ -22,6 +24,7 @@ import shlex
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections import deque
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -34,7 +37,13 @@ log = logging.getLogger("gpud.engine")
 _OWN_POLL = re.compile(r'127\.0\.0\.1:\d+ - "GET /(is_sleeping|health) HTTP/1\.1" 200')
 
 LOG_RING_LINES = 2000
-LOG_ROTATE_BYTES = 64 * 1024 * 1024
+# The defaults of [daemon] engine_log_size and engine_log_files: 256 MiB per engine at most.
+LOG_FILE_BYTES = 64 * 1024 * 1024
+LOG_FILES = 4
+# After the leader exits, its last words may still be in the log writer's pipe: the log is
+# read once it stopped growing for this long (at most LOG_SETTLE_MAX), then the crash named.
+LOG_SETTLE = 0.03
+LOG_SETTLE_MAX = 1.0
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._#-]{0,127}$")
 
 
@@ -270,7 +279,9 @@ class _LogFollower:
         self._partial = b""
         self._file: IO[bytes] | None = None
         self._offset = offset
+        self._inode: int | None = None  # the file the offset is in (None: the one there)
         self._task: asyncio.Task[None] | None = None
+        self.on_line: Callable[[str], None] | None = None
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(
@@ -291,18 +302,43 @@ class _LogFollower:
                 self._file = open(self.path, "rb")  # noqa: SIM115 (lives as long as self)
             except FileNotFoundError:
                 return
-            self._file.seek(self._offset)
+            if self._inode is None or os.fstat(self._file.fileno()).st_ino == self._inode:
+                self._file.seek(self._offset)
         data = self._file.read(limit)
         if not data:
+            self._follow_rotation()
             return
         *lines, self._partial = (self._partial + data).split(b"\n")
         for raw in lines:
             self._emit(raw)
 
+    def _follow_rotation(self) -> None:
+        """At the end of the file: if the log writer moved it to .1, go on in the new one."""
+        if self._file is None:
+            return
+        try:
+            now = os.stat(self.path).st_ino
+        except FileNotFoundError:
+            return
+        if now != os.fstat(self._file.fileno()).st_ino:
+            self._file.close()
+            self._file, self._inode, self._offset = None, None, 0
+            self.drain()
+
+    def fingerprint(self) -> tuple[int, int]:
+        """(inode, size) of the log file now: changes while the writer writes."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return 0, 0
+        return st.st_ino, st.st_size
+
     def _emit(self, raw: bytes) -> None:
         # progress bars rewrite one line with \r: keep what was last shown
         text = raw.decode("utf-8", "replace").rstrip("\r").rsplit("\r", 1)[-1]
         self._ring.append(text)
+        if self.on_line is not None:
+            self.on_line(text)
         # gpud's own health and sleep-state polls stay in the engine's log and the ring, not
         # in gpud's (the journal): one line per engine per tick says nothing to an operator.
         if self._to_logger and not _OWN_POLL.search(text):
@@ -346,18 +382,45 @@ def _backfill(path: Path, ring: deque[str], max_bytes: int = 512 * 1024) -> int:
 
 # --- the process -------------------------------------------------------------------------
 
+
+def _reap_writer(writer: subprocess.Popen[bytes], timeout: float = 5.0) -> None:
+    """Wait for a log writer whose pipe has no writer left (it is at EOF, or about to be)."""
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        writer.wait(timeout)
+
 ExitCallback = Callable[["EngineProcess"], None]
 
 
-def _open_log(log_dir: Path, model: str) -> tuple[Path, int]:
-    """LOG_DIR/MODEL.log opened for appending (moved to MODEL.log.1 first when too big)."""
+def _start_log_writer(log_dir: Path, model: str, header: str, max_bytes: int, files: int
+                      ) -> tuple[Path, int, subprocess.Popen[bytes], int, int]:
+    """HEADER appended to LOG_DIR/MODEL.log, then the file's writer (gpud.engines.logwriter)
+    reading a new pipe: (path, the pipe's write end for the engine, the writer, the file's
+    inode and size after the header: where the engine's output starts)."""
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{model}.log"
-    with contextlib.suppress(FileNotFoundError):
-        if log_path.stat().st_size > LOG_ROTATE_BYTES:
-            os.replace(log_path, log_path.with_name(log_path.name + ".1"))
-    return log_path, os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
-                             0o640)
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
+    try:
+        os.write(fd, header.encode())
+        st = os.fstat(fd)
+        inode, size = st.st_ino, st.st_size
+    finally:
+        os.close(fd)
+    read_end, write_end = os.pipe2(os.O_CLOEXEC)
+    root = str(Path(__file__).resolve().parents[2])
+    try:
+        writer = subprocess.Popen(
+            [sys.executable, "-m", "gpud.engines.logwriter", str(log_path), str(max_bytes),
+             str(files)],
+            stdin=read_end, stdout=subprocess.DEVNULL, close_fds=True,
+            start_new_session=True,  # outlives gpud, and a stop of the engine's group
+            env={"PYTHONPATH": root, "PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+        )
+    except OSError:
+        os.close(write_end)
+        raise
+    finally:
+        os.close(read_end)
+    return log_path, write_end, writer, inode, size
 
 
 class EngineProcess:
@@ -378,6 +441,8 @@ class EngineProcess:
         *,
         popen: subprocess.Popen[bytes] | None,
         log_offset: int,
+        log_inode: int | None = None,
+        writer: subprocess.Popen[bytes] | None = None,
         ring: deque[str] | None = None,
         crash_grace: float = 2.0,
         log_to_logger: bool = True,
@@ -404,6 +469,8 @@ class EngineProcess:
         self._follower = _LogFollower(
             model, log_path, log_offset, self._ring, to_logger=log_to_logger
         )
+        self._follower._inode = log_inode
+        self._writer = writer
         self._follower.start()
         self._loop.add_reader(pidfd, self._on_pidfd_readable)
 
@@ -420,18 +487,22 @@ class EngineProcess:
         cwd: Path | None = None,
         crash_grace: float = 2.0,
         log_to_logger: bool = True,
+        log_bytes: int = LOG_FILE_BYTES,
+        log_files: int = LOG_FILES,
     ) -> EngineProcess:
-        """Start `argv` in a new session, output appended to LOG_DIR/MODEL.log. Needs a
-        running event loop. Raises EngineSpawnError if the command cannot be executed."""
+        """Start `argv` in a new session, output appended to LOG_DIR/MODEL.log by its log
+        writer (at most `log_files` files of `log_bytes`). Needs a running event loop.
+        Raises EngineSpawnError if the command cannot be executed."""
         if not _MODEL_NAME.match(model):
             raise ValueError(f"model name {model!r} cannot name a log file")
         if not argv:
             raise ValueError(f"model {model!r}: empty engine argv")
-        log_path, fd = _open_log(log_dir, model)
+        stamp = datetime.now(UTC).isoformat(timespec="seconds")
+        shown = shlex.join(argv).replace("\n", "\\n")  # one line, whatever the argv holds
+        header = f"--- gpud {stamp}: starting {model}: {shown}\n"
+        log_path, fd, writer, inode, size = _start_log_writer(log_dir, model, header,
+                                                              log_bytes, log_files)
         try:
-            stamp = datetime.now(UTC).isoformat(timespec="seconds")
-            os.write(fd, f"--- gpud {stamp}: starting {model}: {shlex.join(argv)}\n".encode())
-            offset = os.lseek(fd, 0, os.SEEK_END)
             try:
                 popen = subprocess.Popen(
                     list(argv),
@@ -449,23 +520,16 @@ class EngineProcess:
                     model, f"cannot execute engine command {argv[0]!r}: {e.strerror or e}"
                 ) from e
         finally:
-            os.close(fd)
+            os.close(fd)  # the writer ends once every engine process closed it too
+            if sys.exc_info()[0] is not None:
+                _reap_writer(writer)
         # an unreaped child cannot be replaced by another process: this pidfd is surely it
         pidfd = os.pidfd_open(popen.pid)
         start_time = proc_start_time(popen.pid) or 0
         log.info("model %r: engine started, pid %d, log %s", model, popen.pid, log_path)
-        return cls(
-            model,
-            popen.pid,
-            popen.pid,
-            start_time,
-            log_path,
-            pidfd,
-            popen=popen,
-            log_offset=offset,
-            crash_grace=crash_grace,
-            log_to_logger=log_to_logger,
-        )
+        return cls(model, popen.pid, popen.pid, start_time, log_path, pidfd, popen=popen,
+                   log_offset=size, log_inode=inode or None, writer=writer,
+                   crash_grace=crash_grace, log_to_logger=log_to_logger)
 
     @classmethod
     def adopt(
@@ -518,6 +582,15 @@ class EngineProcess:
     def running(self) -> bool:
         """The leader (the API server) has not exited."""
         return not self._leader_exited.is_set()
+
+    @property
+    def on_line(self) -> Callable[[str], None] | None:
+        """Called on the loop with each new line of the engine's log (load phases)."""
+        return self._follower.on_line
+
+    @on_line.setter
+    def on_line(self, callback: Callable[[str], None] | None) -> None:
+        self._follower.on_line = callback
 
     def log_tail(self, n: int | None = None) -> list[str]:
         """The last `n` (default: all kept, up to 2000) lines of the engine's output."""
@@ -630,6 +703,7 @@ class EngineProcess:
                     self.pgid,
                 )
         finally:
+            await self._writer_done()
             await self._follower.stop()
             self._done.set()
 
@@ -643,7 +717,16 @@ class EngineProcess:
             self.returncode = self._popen.poll()  # reaps it: no zombie
         self.exited_at = time.monotonic()
         self._leader_exited.set()
-        if not self._stopping:
+        if self._stopping:
+            self._run_callbacks()
+        else:
+            self._terminating = self._loop.create_task(self._crashed())
+
+    async def _crashed(self) -> None:
+        """The leader died on its own: name the cause from its last words, tell the exit
+        callbacks, then end its EngineCore and workers (orphans now, holding memory)."""
+        try:
+            await self._settle_log()
             with contextlib.suppress(OSError):
                 self._follower.drain()  # the leader's last words are the likely cause
             cause, detail = classify_crash(self.log_tail(200), self.returncode)
@@ -655,8 +738,49 @@ class EngineProcess:
                 cause,
                 detail,
             )
-            # its EngineCore and workers are orphans now: end them, they hold memory
-            self._terminating = self._loop.create_task(self._terminate(self._crash_grace))
+        finally:
+            self._run_callbacks()
+            await self._terminate(self._crash_grace)
+
+    async def _settle_log(self) -> None:
+        """Until the log writer has written what the leader wrote before it died: the file
+        stops growing (the pipe between says nothing else gpud could wait on)."""
+        deadline = time.monotonic() + LOG_SETTLE_MAX
+        last = self._follower.fingerprint()
+        while time.monotonic() < deadline:
+            await asyncio.sleep(LOG_SETTLE)
+            now = self._follower.fingerprint()
+            if now == last:
+                return
+            last = now
+
+    async def _writer_done(self, timeout: float = 5.0) -> None:
+        """Wait for our log writer's exit (EOF once the group is gone): the log is complete."""
+        writer = self._writer
+        if writer is None or writer.poll() is not None:
+            return
+        try:
+            fd = os.pidfd_open(writer.pid)
+        except ProcessLookupError:
+            writer.poll()
+            return
+        gone = self._loop.create_future()
+        def readable() -> None:
+            if not gone.done():
+                gone.set_result(None)
+
+        self._loop.add_reader(fd, readable)
+        try:
+            await asyncio.wait_for(gone, timeout)
+        except TimeoutError:
+            log.warning("model %r: engine log writer pid %d still running %gs after the "
+                        "engine ended", self.model, writer.pid, timeout)
+        finally:
+            self._loop.remove_reader(fd)
+            os.close(fd)
+            writer.poll()
+
+    def _run_callbacks(self) -> None:
         for cb in self._callbacks:
             try:
                 cb(self)

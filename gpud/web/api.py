@@ -292,7 +292,7 @@ async def debug_clock(request: web.Request) -> web.Response:
     if at.tzinfo is None:
         return error(400, "'now' needs an offset")
     d.set_clock(at)
-    return web.json_response({"ok": True, "now": d.reconciler.now().isoformat()})
+    return web.json_response({"ok": True, "now": d.reconciler.now().isoformat(timespec="seconds")})
 
 
 async def debug_requests(request: web.Request) -> web.Response:
