@@ -67,7 +67,7 @@ def _line(key: str, m: dict[str, Any]) -> str:
     if m["state"] != m["desired"] and m["state"] in STABLE:
         text += f" -> {m['desired']}"
     reason = m.get("reason") or ""
-    if m["state"] in ("unloaded", "failed") and m.get("last_error"):
+    if m["state"] in (states.State.UNLOADED, states.State.FAILED) and m.get("last_error"):
         text += f" · {reason or m['last_error']}"
     return text
 
