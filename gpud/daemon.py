@@ -31,15 +31,16 @@ from gpud.config import (
     reload_effects,
 )
 from gpud.config.load import DEFAULT_PATH
+from gpud.controls import DaemonControl, DaemonTestHooks
 from gpud.events import EventBus
 from gpud.kvlink import KVLink
 from gpud.listener import ConnectionGuard, GuardedSite, Limits, open_site
+from gpud.memory import measure, model_bytes
 from gpud.policy_loop import run_policies
 from gpud.reconcile import Reconciler
 from gpud.states import RUNNING, TRANSITIONAL
 from gpud.systemd import Notifier, run_watchdog, status_line
 from gpud.timer import BoundaryTimer
-from gpud.web.memory import memory_status, model_bytes
 
 log = logging.getLogger("gpud.daemon")
 
@@ -95,6 +96,7 @@ class Daemon:
         self._status_line = ""
         self.proxy: Any = None
         self.kv = KVLink(self.reconciler, self.runtime_dir)
+        self.control = DaemonControl(self)  # what the page, the API and /metrics see
         self.timer = BoundaryTimer(self.reconciler, lambda: self.clock_offset)
         self.memory: dict[str, Any] | None = None
         self.memory_at = 0.0
@@ -275,7 +277,7 @@ class Daemon:
             "kvpool": self.kv.status(),
         }
         fresh = self.memory is not None and time.monotonic() - self.memory_at < 2.0
-        out["memory"] = self.memory if fresh else memory_status(self)
+        out["memory"] = self.memory if fresh else measure(self.control.engines())
         # Per model: GPU bytes (NVML, the engine's whole process group) where a GPU holds
         # it, else host RSS. `gpud status` prints this column; it was never filled before.
         per_key = model_bytes(out["memory"])
@@ -334,13 +336,14 @@ class Daemon:
         from gpud.proxy.app import Proxy
         from gpud.web import api, guards, metrics, page
 
-        guards.install(app, self)
+        guards.install(app, self.control)
         # No disconnect sweep: the runner's handler_cancellation (below) does that.
         self.proxy = Proxy(self.reconciler, keys=self._keyring(), disconnect_check=None)
         self.proxy.install(app)
-        metrics.install(app, self)
-        api.install(app, self, test_hooks=os.environ.get("GPUD_TEST_HOOKS") == "1")
-        page.install(app, self)
+        metrics.install(app, self.control)
+        hooks = DaemonTestHooks(self) if os.environ.get("GPUD_TEST_HOOKS") == "1" else None
+        api.install(app, self.control, hooks=hooks)
+        page.install(app, self.control)
         return app
 
     async def _startup(self, stack: contextlib.AsyncExitStack) -> bool:
@@ -432,11 +435,10 @@ class Daemon:
     async def _measure_memory(self) -> None:
         """NVML every tick, off the loop: feeds fit checks, footprints and status."""
         from gpud.footprints import gpus_from_measure
-        from gpud.web.memory import engines_of, measure
 
         while True:
             try:
-                mem = await asyncio.to_thread(measure, engines_of(self))
+                mem = await asyncio.to_thread(measure, self.control.engines())
                 self.memory, self.memory_at = mem, time.monotonic()
                 self.reconciler.set_gpus(gpus_from_measure(mem))
                 if self.reconciler.gpus:

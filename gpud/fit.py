@@ -1,7 +1,7 @@
 """Fit checks: before gpud loads or wakes a model, does it fit on its GPU, and what must make room?
 
 Pure core: never imports asyncio, aiohttp, subprocess or cuda and never queries a GPU; the
-memory of each GPU comes in as a mapping (NVML lives in `gpud.web.memory`), footprints as
+memory of each GPU comes in as a mapping (NVML lives in `gpud.memory`), footprints as
 data (`gpud.footprints` reads config.json files and keeps the measured ones on disk).
 
 `fit(plan, ...)` takes the planner's plan and returns the plan that is safe to run: takes

@@ -102,7 +102,7 @@ def footprint_for(m: ModelConfig, model_dir: Path | None,
 
 
 def gpus_from_measure(memory: Mapping[str, Any]) -> dict[int, GpuMemory]:
-    """GPU memory by index from `gpud.web.memory.measure()`'s answer (empty without NVML)."""
+    """GPU memory by index from `gpud.memory.measure()`'s answer (empty without NVML)."""
     return {int(g["index"]): GpuMemory(int(g["total"]), int(g["used"]), int(g["free"]))
             for g in memory.get("gpus", [])}
 

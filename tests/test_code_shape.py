@@ -64,3 +64,10 @@ def test_no_other_list_of_instance_states() -> None:
                 if len(set(re.findall(r"""["']([a-z_]+)["']""", m.group(1))) & names) >= 3:
                     copies.append(f"{rel}: {m.group(0)[:60]}")
     assert copies == [], f"state names listed outside gpud/states.py: {copies}"
+
+
+def test_the_web_names_no_daemon_not_even_for_types() -> None:
+    """The page, the API, /metrics and the guards take a Control (gpud/web/control.py)."""
+    offenders = [p.name for p in sorted((GPUD / "web").glob("*.py"))
+                 if "gpud.daemon" in p.read_text() or "reconciler" in p.read_text()]
+    assert offenders == [], f"these reach past gpud.web.control.Control: {offenders}"

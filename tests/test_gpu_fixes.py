@@ -36,10 +36,10 @@ from gpud.engines.vllm import (
     build_argv,
 )
 from gpud.events import EventBus
+from gpud.memory import model_bytes
 from gpud.plan import Plan
 from gpud.reconcile import Instance, Reconciler
 from gpud.states import State
-from gpud.web.memory import model_bytes
 
 
 def spec(**kw: Any) -> EngineSpec:

@@ -37,15 +37,22 @@ def append(path: Path, line: str) -> None:
 def test_the_contracts_hold_on_a_clean_copy(tree: Path) -> None:
     r = lint(tree)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "4 kept, 0 broken" in r.stdout
+    assert "5 kept, 0 broken" in r.stdout
 
 
 def test_web_importing_the_loop_internals_is_refused(tree: Path) -> None:
     append(tree / "gpud" / "web" / "page.py", "from gpud.instance import Instance  # noqa")
     r = lint(tree)
     assert r.returncode != 0
-    assert "Layers: CLI > daemon" in r.stdout and "BROKEN" in r.stdout
+    assert "The web sees gpud through" in r.stdout and "BROKEN" in r.stdout
     assert "gpud.web.page -> gpud.instance" in r.stdout
+
+
+def test_web_importing_the_daemon_is_refused(tree: Path) -> None:
+    append(tree / "gpud" / "web" / "api.py", "import gpud.daemon  # noqa")
+    r = lint(tree)
+    assert r.returncode != 0
+    assert "gpud.web.api -> gpud.daemon" in r.stdout
 
 
 def test_the_pure_core_reading_the_clock_is_refused(tree: Path) -> None:

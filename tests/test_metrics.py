@@ -91,9 +91,9 @@ async def serve(path: Path) -> AsyncIterator[tuple[TestClient[web.Request, web.A
     app = web.Application()
     daemon.proxy = Proxy(daemon.reconciler, keys=daemon._keyring())
     daemon.proxy.install(app)
-    api.install(app, daemon)
-    page.install(app, daemon)
-    m = metrics_mod.install(app, daemon)
+    api.install(app, daemon.control)
+    page.install(app, daemon.control)
+    m = metrics_mod.install(app, daemon.control)
     client = TestClient(TestServer(app))
     await client.start_server()
     try:
@@ -190,7 +190,7 @@ async def test_scraping_never_starts_an_engine(tmp_path: Path) -> None:
 def test_events_without_a_duration_are_ignored(tmp_path: Path, kind: str) -> None:
     path = write_config(tmp_path, MODELS)
     daemon = Daemon(load_config(path), path, stop_engines_on_exit=True)
-    m = metrics_mod.GpudMetrics(daemon)
+    m = metrics_mod.GpudMetrics(daemon.control)
     m.on_event({"kind": kind, "model": "chat"})
     m.on_event({"kind": kind, "model": "chat", "duration": "fast"})
     text = m.registry  # nothing observed: no labelled children

@@ -1,6 +1,6 @@
 """The JSON API under /api/v1 and /healthz.
 
-Reads are snapshots of the reconciler's state; writes are messages to it (overrides, reloads),
+Reads are snapshots of gpud's published state; writes are messages to its loop (overrides, reloads),
 never direct changes to engines. Writes need the admin credential: a loopback peer, or the
 admin token. Bad input gets a 4xx in OpenAI's error shape, never a 500: 400 for a body that
 is not a JSON object, 422 for a field whose value is refused (a duration, a level, a GPU).
@@ -9,22 +9,19 @@ is not a JSON object, 422 for a field whose value is refused (a duration, a leve
 from __future__ import annotations
 
 import asyncio
-import collections
 import hmac
 import ipaddress
 import json
-import time
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 
 from gpud.config.units import parse_duration
+from gpud.web.control import Control, TestHooks
 
-if TYPE_CHECKING:
-    from gpud.daemon import Daemon
-
-DAEMON_KEY: web.AppKey[Daemon] = web.AppKey("daemon")
+CONTROL_KEY: web.AppKey[Control] = web.AppKey("control")
+HOOKS_KEY: web.AppKey[TestHooks] = web.AppKey("test_hooks")
 VERBS = {"sleep": "asleep", "wake": "awake", "load": "awake", "unload": "unloaded"}
 
 
@@ -34,12 +31,12 @@ def error(status: int, message: str, code: str = "bad_request") -> web.Response:
     return web.json_response(body, status=status)
 
 
-def _daemon(request: web.Request) -> Daemon:
-    return request.app[DAEMON_KEY]
+def _control(request: web.Request) -> Control:
+    return request.app[CONTROL_KEY]
 
 
 def _is_admin(request: web.Request) -> bool:
-    token = _daemon(request).admin_token
+    token = _control(request).admin_token
     header = request.headers.get("Authorization", "")
     if token and header.startswith("Bearer "):
         return hmac.compare_digest(header[7:].encode(), token.encode())
@@ -68,12 +65,12 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
     return body
 
 
-def _until(body: dict[str, Any], daemon: Daemon) -> datetime | web.Response | None:
+def _until(body: dict[str, Any], control: Control) -> datetime | web.Response | None:
     raw = body.get("for")
     if raw in (None, ""):
         return None
     try:
-        return daemon.reconciler.now() + parse_duration(raw)
+        return control.now() + parse_duration(raw)
     except ValueError as exc:
         return error(422, f"'for': {exc}", "bad_value")
 
@@ -109,27 +106,27 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def status(request: web.Request) -> web.Response:
-    return web.json_response(_daemon(request).status())
+    return web.json_response(_control(request).status())
 
 
 async def models(request: web.Request) -> web.Response:
-    return web.json_response(_daemon(request).status()["models"])
+    return web.json_response(_control(request).status()["models"])
 
 
 async def model(request: web.Request) -> web.Response:
-    d = _daemon(request)
+    d = _control(request)
     name = request.match_info["name"]
     data = d.status()["models"].get(name)
     if data is None:
         return error(404, f"no model {name!r}; known: {', '.join(d.status()['models'])}",
                      "model_not_found")
-    m = d.reconciler.config.models.get(data["model"])
+    m = d.config.models.get(data["model"])
     data = {**data, "spec": m.model_dump(mode="json") if m else None}
     return web.json_response(data)
 
 
 async def model_logs(request: web.Request) -> web.Response:
-    d = _daemon(request)
+    d = _control(request)
     name = request.match_info["name"]
     try:
         lines = int(request.query.get("lines", "200"))
@@ -137,20 +134,19 @@ async def model_logs(request: web.Request) -> web.Response:
         return error(400, "lines must be an integer")
     if not 0 < lines <= 2000:
         return error(400, "lines must be between 1 and 2000")
-    inst = d.reconciler.instances.get(name)
-    if inst is None and name.split("#")[0] not in d.reconciler.config.models:
+    if not d.has_instance(name):
         return error(404, f"no model {name!r}", "model_not_found")
-    tail = inst.proc.log_tail(lines) if inst and inst.proc else d.log_file_tail(name, lines)
+    tail = d.log_tail(name, lines)
     return web.json_response({"model": name, "lines": tail})
 
 
 async def model_action(request: web.Request) -> web.Response:
-    d = _daemon(request)
+    d = _control(request)
     name, verb = request.match_info["name"], request.match_info["verb"]
     if verb not in VERBS and verb != "move":
         return error(404, f"unknown action {verb!r}; use sleep, wake, load, unload or move")
-    if name not in d.reconciler.config.models:
-        known = ", ".join(d.reconciler.config.models) or "none"
+    if name not in d.config.models:
+        known = ", ".join(d.config.models) or "none"
         return error(404, f"no model {name!r}; known: {known}", "model_not_found")
     body = await _json_body(request)
     until = _until(body, d)
@@ -158,10 +154,10 @@ async def model_action(request: web.Request) -> web.Response:
         return until
     if verb == "move":
         gpu = body.get("gpu")
-        refused = _unknown_gpu(gpu, sorted(d.reconciler.gpus))
+        refused = _unknown_gpu(gpu, sorted(d.gpus))
         if refused is not None:
             return error(422, refused, "bad_value")
-        d.reconciler.set_override(name, None, until, f"moved to GPU {gpu} by an operator",
+        d.set_override(name, None, until, f"moved to GPU {gpu} by an operator",
                                   gpu=gpu)
         return web.json_response({"ok": True, "message": f"{name}: moving to GPU {gpu}"})
     level = body.get("level")
@@ -169,7 +165,7 @@ async def model_action(request: web.Request) -> web.Response:
         return error(422, f"'level' must be 1 or 2 (got {json.dumps(level)[:40]})",
                      "bad_value")
     reason = f"{verb} by an operator"
-    d.reconciler.set_override(name, VERBS[verb], until, reason,
+    d.set_override(name, VERBS[verb], until, reason,
                               level=level if verb == "sleep" else None)
     msg = f"{name}: {verb} requested" + (f" until {until.isoformat(timespec='minutes')}"
                                          if until else "")
@@ -189,49 +185,49 @@ def _unknown_gpu(gpu: object, known: list[int]) -> str | None:
 
 async def override_delete(request: web.Request) -> web.Response:
     """Drop a model's manual override: back to the file, the profile and the policies."""
-    d = _daemon(request)
+    d = _control(request)
     name = request.match_info["name"]
-    if name not in d.reconciler.config.models:
+    if name not in d.config.models:
         return error(404, f"no model {name!r}", "model_not_found")
-    d.reconciler.clear_override(name)
+    d.clear_override(name)
     return web.json_response({"ok": True, "message": f"{name}: back to the file and schedule"})
 
 
 async def profile_get(request: web.Request) -> web.Response:
-    return web.json_response(_daemon(request).profile_status())
+    return web.json_response(_control(request).profile_status())
 
 
 async def profile_put(request: web.Request) -> web.Response:
-    d = _daemon(request)
+    d = _control(request)
     body = await _json_body(request)
     name = body.get("profile")
-    if not isinstance(name, str) or name not in d.reconciler.config.profiles:
-        known = ", ".join(d.reconciler.config.profiles) or "none"
+    if not isinstance(name, str) or name not in d.config.profiles:
+        known = ", ".join(d.config.profiles) or "none"
         return error(422, f"'profile' must name a defined profile (defined: {known})",
                      "bad_value")
     until = _until(body, d)
     if isinstance(until, web.Response):
         return until
-    d.reconciler.force_profile(name, until, str(body.get("reason") or "forced by an operator"))
+    d.force_profile(name, until, str(body.get("reason") or "forced by an operator"))
     return web.json_response(d.profile_status())
 
 
 async def profile_delete(request: web.Request) -> web.Response:
-    d = _daemon(request)
-    d.reconciler.release_profile()
+    d = _control(request)
+    d.release_profile()
     return web.json_response(d.profile_status())
 
 
 async def plan_get(request: web.Request) -> web.Response:
-    return web.json_response(_daemon(request).plan_json())
+    return web.json_response(_control(request).plan_json())
 
 
 async def config_get(request: web.Request) -> web.Response:
-    return web.json_response(_daemon(request).config_json())
+    return web.json_response(_control(request).config_json())
 
 
 async def reload(request: web.Request) -> web.Response:
-    d = _daemon(request)
+    d = _control(request)
     await _json_body(request)
     # Shielded: a client that hangs up must not leave a reload half done.
     result = await asyncio.shield(d.reload(source="api"))
@@ -239,7 +235,7 @@ async def reload(request: web.Request) -> web.Response:
 
 
 async def events(request: web.Request) -> web.StreamResponse:
-    d = _daemon(request)
+    d = _control(request)
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                        "Cache-Control": "no-cache"})
     await resp.prepare(request)
@@ -271,19 +267,12 @@ async def events(request: web.Request) -> web.StreamResponse:
 
 async def debug_stall(request: web.Request) -> web.Response:
     """Test hook (GPUD_TEST_HOOKS=1 only): block the reconcile loop to prove the watchdog."""
-    d = _daemon(request)
-    def stall() -> None:  # blocks the loop's thread, as a stuck pass would
-        while True:
-            time.sleep(0.05)
-
-    d.reconciler.before_pass.append(stall)
-    d.reconciler.trigger()
+    request.app[HOOKS_KEY].stall_loop()
     return web.json_response({"ok": True})
 
 
 async def debug_clock(request: web.Request) -> web.Response:
     """Test hook (GPUD_TEST_HOOKS=1 only): set the daemon's clock; it runs on from there."""
-    d = _daemon(request)
     body = await _json_body(request)
     try:
         at = datetime.fromisoformat(str(body.get("now")))
@@ -291,20 +280,20 @@ async def debug_clock(request: web.Request) -> web.Response:
         return error(400, "'now' must be an ISO 8601 instant with an offset")
     if at.tzinfo is None:
         return error(400, "'now' needs an offset")
-    d.set_clock(at)
-    return web.json_response({"ok": True, "now": d.reconciler.now().isoformat(timespec="seconds")})
+    request.app[HOOKS_KEY].set_clock(at)
+    now = _control(request).now()
+    return web.json_response({"ok": True, "now": now.isoformat(timespec="seconds")})
 
 
 async def debug_requests(request: web.Request) -> web.Response:
     """Test hook (GPUD_TEST_HOOKS=1 only): the proxy's timing marks of the last requests,
     milliseconds from arrival: routed, upstream ready (woken), upstream head, first chunk."""
-    d = _daemon(request)
-    timings = d.proxy.timings if d.proxy is not None else None
-    return web.json_response({"requests": list(timings or [])})
+    return web.json_response({"requests": request.app[HOOKS_KEY].request_timings()})
 
 
-def install(app: web.Application, daemon: Daemon, *, test_hooks: bool = False) -> None:
-    app[DAEMON_KEY] = daemon
+def install(app: web.Application, control: Control, *, hooks: TestHooks | None = None) -> None:
+    """The API's routes; the debug routes only with test hooks (GPUD_TEST_HOOKS=1)."""
+    app[CONTROL_KEY] = control
     app.middlewares.append(admin_writes)
     r = app.router
     r.add_get("/healthz", healthz)
@@ -321,9 +310,8 @@ def install(app: web.Application, daemon: Daemon, *, test_hooks: bool = False) -
     r.add_get("/api/v1/config", config_get)
     r.add_post("/api/v1/reload", reload)
     r.add_get("/api/v1/events", events)
-    if test_hooks:
+    if hooks is not None:
+        app[HOOKS_KEY] = hooks
         r.add_post("/api/v1/debug/stall", debug_stall)
         r.add_post("/api/v1/debug/clock", debug_clock)
         r.add_get("/api/v1/debug/requests", debug_requests)
-        if daemon.proxy is not None:
-            daemon.proxy.timings = collections.deque(maxlen=256)

@@ -28,7 +28,7 @@ from aiohttp import web
 from gpud.listener import error_body, track_requests
 
 if TYPE_CHECKING:
-    from gpud.daemon import Daemon
+    from gpud.web.control import Control
 
 log = logging.getLogger("gpud.web")
 
@@ -123,13 +123,13 @@ def host_allowed(host: str, allowed: list[str]) -> bool:
     return False
 
 
-def make_check_host(daemon: Daemon) -> Callable[..., Awaitable[web.StreamResponse]]:
+def make_check_host(control: Control) -> Callable[..., Awaitable[web.StreamResponse]]:
     @web.middleware
     async def check_host(request: web.Request, handler: _Handler) -> web.StreamResponse:
         header = request.headers.get("Host")
         if header is None:  # HTTP/1.0 or a raw client: browsers always send Host
             return await handler(request)
-        cfg = daemon.loaded.config
+        cfg = control.config
         host = host_of(header)
         if host_allowed(host, cfg.daemon.allowed_hosts):
             return await handler(request)
@@ -142,7 +142,7 @@ def make_check_host(daemon: Daemon) -> Callable[..., Awaitable[web.StreamRespons
     return check_host
 
 
-def install(app: web.Application, daemon: Daemon) -> None:
+def install(app: web.Application, control: Control) -> None:
     """Before any route's own middleware: request tracking (the listener's deadlines),
     JSON errors, then the Host check (its 403 is JSON too)."""
-    app.middlewares[:0] = [track_requests, json_errors, make_check_host(daemon)]
+    app.middlewares[:0] = [track_requests, json_errors, make_check_host(control)]

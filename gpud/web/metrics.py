@@ -3,7 +3,7 @@
 One private CollectorRegistry per daemon. State (models, queues, profile, config, memory) is
 read from the daemon's snapshots at scrape time by a custom collector; request, wake, load
 and reconcile durations are histograms fed as they happen (the proxy's observer hook, the
-event bus, the reconciler's pass hook). A scrape never calls an engine and never wakes a
+event bus, the loop's pass hook). A scrape never calls an engine and never wakes a
 model; engines' own metrics are not re-exported under gpud's names.
 """
 
@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -21,11 +21,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.registry import Collector
 
+from gpud.memory import measure
 from gpud.states import State
-from gpud.web.memory import engines_of, measure
-
-if TYPE_CHECKING:
-    from gpud.daemon import Daemon
+from gpud.web.control import Control
 
 log = logging.getLogger("gpud.web.metrics")
 
@@ -89,8 +87,8 @@ class RequestMetrics:
 class StateCollector(Collector):
     """Reads the daemon's state at scrape time; nothing here talks to an engine."""
 
-    def __init__(self, daemon: Daemon) -> None:
-        self.daemon = daemon
+    def __init__(self, control: Control) -> None:
+        self.control = control
         # Measured off the event loop just before a scrape renders (see GpudMetrics.scrape).
         self.memory: dict[str, Any] = {"gpus": [], "host": {"engines": {}}}
 
@@ -141,23 +139,22 @@ class StateCollector(Collector):
               gpu_mem: GaugeMetricFamily, model_mem: GaugeMetricFamily,
               kv_pages: GaugeMetricFamily, kv_pool: GaugeMetricFamily,
               kv_page: GaugeMetricFamily) -> None:
-        d = self.daemon
-        r = d.reconciler
-        models = r.status_models()
+        d = self.control
+        models = d.model_states()
         for key, m in models.items():
             for st in MODEL_STATES:
                 state.add_metric([key, st], 1.0 if m["state"] == st else 0.0)
             if m["state"] not in MODEL_STATES:
                 state.add_metric([key, str(m["state"])], 1.0)
             restarts.add_metric([key], float(m.get("restarts") or 0))
-        stats: dict[str, dict[str, Any]] = d.proxy.stats() if d.proxy is not None else {}
-        for name in sorted(set(r.config.models) | set(stats)):
+        stats = d.proxy_stats()
+        for name in sorted(set(d.config.models) | set(stats)):
             s = stats.get(name, {})
             queue.add_metric([name], float(s.get("queued", 0)))
             inflight.add_metric([name], float(s.get("inflight", 0)))
         config_valid.add_metric([], 0.0 if d.config_error else 1.0)
-        active, _ = r.active_profile(r.now())
-        for name in sorted(set(r.config.profiles) | ({active} if active else set())):
+        active = d.active_profile()
+        for name in sorted(set(d.config.profiles) | ({active} if active else set())):
             profile.add_metric([name], 1.0 if name == active else 0.0)
         memory = self.memory
         for gpu in memory["gpus"]:
@@ -172,7 +169,7 @@ class StateCollector(Collector):
         if not memory["gpus"]:
             for key, e in sorted(memory["host"]["engines"].items()):
                 model_mem.add_metric([key, "host"], float(e["rss"]))
-        pool = d.kvpool.status() if d.kvpool is not None else {"gpus": {}}
+        pool = d.kv_status() or {"gpus": {}}
         for gpu, g in sorted(pool["gpus"].items()):
             for model, pages in sorted(g["granted"].items()):
                 kv_pages.add_metric([gpu, model], float(pages))
@@ -186,8 +183,8 @@ class StateCollector(Collector):
 class ConnectionCollector(Collector):
     """The listener's connections (gpud.listener.ConnectionGuard), read at scrape time."""
 
-    def __init__(self, daemon: Daemon) -> None:
-        self.daemon = daemon
+    def __init__(self, control: Control) -> None:
+        self.control = control
 
     def describe(self) -> Iterable[Metric]:
         return list(self._families())
@@ -211,8 +208,7 @@ class ConnectionCollector(Collector):
 
     def collect(self) -> Iterable[Metric]:
         conns, refused, closed, accept = families = self._families()
-        guard = getattr(self.daemon, "guard", None)
-        stats: dict[str, Any] = guard.stats() if guard is not None else {
+        stats: dict[str, Any] = self.control.connections or {
             "open": 0, "cap": 0, "refused": 0, "closed": {}, "accept_failures": 0}
         conns.add_metric(["open"], float(stats["open"]))
         conns.add_metric(["cap"], float(stats["cap"]))
@@ -226,8 +222,8 @@ class ConnectionCollector(Collector):
 class GpudMetrics:
     """gpud's registry: the scrape-time collector plus the histograms fed as things happen."""
 
-    def __init__(self, daemon: Daemon) -> None:
-        self.daemon = daemon
+    def __init__(self, control: Control) -> None:
+        self.control = control
         self.registry = CollectorRegistry(auto_describe=True)
         self.observer = RequestMetrics(self.registry)
         self.wake = Histogram(
@@ -241,9 +237,9 @@ class GpudMetrics:
             "gpud_reconcile_duration_seconds", "Seconds one reconcile pass took (planning "
             "and starting actions; the actions themselves run after).",
             buckets=RECONCILE_BUCKETS, registry=self.registry)
-        self.state = StateCollector(daemon)
+        self.state = StateCollector(control)
         self.registry.register(self.state)
-        self.registry.register(ConnectionCollector(daemon))
+        self.registry.register(ConnectionCollector(control))
         self._task: asyncio.Task[None] | None = None
         self._queue: asyncio.Queue[dict[str, Any]] | None = None
 
@@ -261,7 +257,7 @@ class GpudMetrics:
             self.load.labels(model).observe(duration)
 
     def on_pass(self) -> None:
-        seconds = getattr(self.daemon.reconciler, "last_pass_seconds", None)
+        seconds = self.control.last_pass_seconds
         if isinstance(seconds, int | float) and seconds >= 0:
             self.reconcile.observe(seconds)
 
@@ -271,7 +267,7 @@ class GpudMetrics:
 
     async def start(self) -> None:
         if self._task is None:
-            self._queue = self.daemon.events.subscribe()
+            self._queue = self.control.events.subscribe()
             self._task = asyncio.create_task(self._follow(self._queue), name="metrics-events")
 
     async def stop(self) -> None:
@@ -281,7 +277,7 @@ class GpudMetrics:
                 await self._task
             self._task = None
         if self._queue is not None:
-            self.daemon.events.unsubscribe(self._queue)
+            self.control.events.unsubscribe(self._queue)
             self._queue = None
 
     # --- exposition -----------------------------------------------------------------------
@@ -289,7 +285,7 @@ class GpudMetrics:
     async def scrape(self) -> bytes:
         """Measure memory in a worker thread (NVML, /proc), then render on the loop, where
         the daemon's state may be read safely."""
-        self.state.memory = await asyncio.to_thread(measure, engines_of(self.daemon))
+        self.state.memory = await asyncio.to_thread(measure, self.control.engines())
         return generate_latest(self.registry)
 
 
@@ -301,28 +297,24 @@ async def handle_metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_PLAIN_0_0_4})
 
 
-def install(app: web.Application, daemon: Daemon) -> GpudMetrics:
+def install(app: web.Application, control: Control) -> GpudMetrics:
     """Add `GET /metrics` and start feeding the histograms.
 
-    Also hands the request observer to the daemon's proxy when it has none yet, and hooks the
-    reconciler's pass for gpud_reconcile_duration_seconds (it reads
-    `reconciler.last_pass_seconds` when the reconciler records it).
+    Also hands the request observer to the proxy when it has none yet, and hooks the loop's
+    pass for gpud_reconcile_duration_seconds (the pass's own duration, as the loop records it).
     """
-    metrics = GpudMetrics(daemon)
+    metrics = GpudMetrics(control)
     app[METRICS_KEY] = metrics
     app.router.add_get("/metrics", handle_metrics)
-    proxy = daemon.proxy
-    if proxy is not None and getattr(proxy, "observer", None) is None:
-        proxy.observer = metrics.observer
-    daemon.reconciler.on_pass.append(metrics.on_pass)
+    control.observe_requests(metrics.observer)
+    remove_hook = control.on_pass(metrics.on_pass)
 
     async def on_startup(_: web.Application) -> None:
         await metrics.start()
 
     async def on_cleanup(_: web.Application) -> None:
         await metrics.stop()
-        with contextlib.suppress(ValueError):
-            daemon.reconciler.on_pass.remove(metrics.on_pass)
+        remove_hook()
 
     app.on_startup.append(on_startup)
     app.on_cleanup.append(on_cleanup)

@@ -19,17 +19,15 @@ from collections.abc import Iterable
 from datetime import datetime, time, timedelta, tzinfo
 from pathlib import Path
 from string import Template
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 
 from gpud import __version__
+from gpud.memory import model_bytes
+from gpud.schedule import Schedule
 from gpud.states import TRANSITIONAL, State, ordered
-from gpud.web.memory import model_bytes
-
-if TYPE_CHECKING:
-    from gpud.daemon import Daemon
-    from gpud.schedule import Schedule
+from gpud.web.control import Control
 
 HERE = Path(__file__).resolve().parent
 STATIC = HERE / "static"
@@ -304,11 +302,10 @@ def _ticks() -> str:
                    for h in range(0, 25, 3))
 
 
-def render_schedule(daemon: Daemon, status: dict[str, Any]) -> str:
-    r = daemon.reconciler
-    now = r.now()
-    start, end, segments = day_segments(r.schedule, now)
-    profiles = list(r.config.profiles)
+def render_schedule(control: Control, status: dict[str, Any]) -> str:
+    now = control.now()
+    start, end, segments = day_segments(control.schedule, now)
+    profiles = list(control.config.profiles)
     colour = {p: PALETTE[(i + 3) % len(PALETTE)] for i, p in enumerate(profiles)}
     span = (end - start).total_seconds()
 
@@ -335,7 +332,7 @@ def render_schedule(daemon: Daemon, status: dict[str, Any]) -> str:
                      f'</strong> at <time datetime="{esc(nb["at"])}">{esc(at.strftime("%a %H:%M"))}'
                      f'</time> <span class="sub" data-countdown="{esc(nb["at"])}">in '
                      f'{esc(human_duration((at - now).total_seconds()))}</span></p>')
-    elif r.schedule is None:
+    elif control.schedule is None:
         lines.append('<p class="next sub">No [[schedule]] in the config: models follow their '
                      "defaults (and any forced profile).</p>")
     elif not forced:
@@ -382,7 +379,7 @@ def render_events(events: list[dict[str, Any]], tz: tzinfo | None) -> str:
     return f'<ol class="events">{"".join(items)}</ol>'
 
 
-def render_logs(daemon: Daemon, status: dict[str, Any], selected: str | None) -> str:
+def render_logs(control: Control, status: dict[str, Any], selected: str | None) -> str:
     keys = list(status.get("models", {}))
     if not keys:
         return '<p class="empty">No models, no logs.</p>'
@@ -391,9 +388,7 @@ def render_logs(daemon: Daemon, status: dict[str, Any], selected: str | None) ->
         f'class="tab{" on" if k == selected else ""}">{esc(k)}</a>' for k in keys)
     body = "Pick a model to see the tail of its engine's log."
     if selected is not None and selected in keys:
-        inst = daemon.reconciler.instances.get(selected)
-        lines = (inst.proc.log_tail(LOG_LINES) if inst is not None and inst.proc is not None
-                 else daemon.log_file_tail(selected, LOG_LINES))
+        lines = control.log_tail(selected, LOG_LINES)
         body = "\n".join(lines) or "(the log is empty)"
     return (f'<nav class="tabs">{tabs}<label class="follow"><input type="checkbox" '
             f'id="follow" checked> follow</label></nav>'
@@ -411,8 +406,8 @@ def _asset_version() -> str:
 
 
 class Page:
-    def __init__(self, daemon: Daemon) -> None:
-        self.daemon = daemon
+    def __init__(self, control: Control) -> None:
+        self.control = control
         self.template = Template((TEMPLATES / "page.html").read_text())
         self.version = _asset_version()
         self.host = socket.gethostname()
@@ -420,7 +415,7 @@ class Page:
     async def handle(self, request: web.Request) -> web.Response:
         from gpud.web.api import _is_admin
 
-        d = self.daemon
+        d = self.control
         status = await _status(d)
         admin = _is_admin(request)
         cfg = status["config"]
@@ -448,7 +443,7 @@ class Page:
             memory=render_memory(status),
             models=render_models(status, admin),
             schedule=render_schedule(d, status),
-            events=render_events(events, d.reconciler.now().tzinfo),
+            events=render_events(events, d.now().tzinfo),
             tz=esc(_zone_name(d)),
             logs=render_logs(d, status, selected),
         )
@@ -464,23 +459,23 @@ CSP = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline';
        "img-src 'self' data:; connect-src 'self'; frame-ancestors 'none'; form-action 'self'")
 
 
-def _zone_name(d: Daemon) -> str:
+def _zone_name(d: Control) -> str:
     """The IANA name of the schedule's zone, for the browser to show the same wall clock."""
-    tz = d.reconciler.now().tzinfo
+    tz = d.now().tzinfo
     return str(getattr(tz, "key", "") or "UTC")
 
 
-async def _status(d: Daemon) -> dict[str, Any]:
+async def _status(d: Control) -> dict[str, Any]:
     status = d.status()
     if "memory" not in status:
-        from gpud.web.memory import engines_of, measure
+        from gpud.memory import measure
 
-        status["memory"] = await asyncio.to_thread(measure, engines_of(d))
+        status["memory"] = await asyncio.to_thread(measure, d.engines())
     return status
 
 
-def install(app: web.Application, daemon: Daemon) -> None:
+def install(app: web.Application, control: Control) -> None:
     """Add `GET /` and the page's assets under `/static/`."""
-    page = Page(daemon)
+    page = Page(control)
     app.router.add_get("/", page.handle)
     app.router.add_static("/static/", STATIC, append_version=False)

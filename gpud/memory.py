@@ -13,14 +13,11 @@ import os
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from gpud.engines.process import proc_group_and_start
 
-if TYPE_CHECKING:
-    from gpud.daemon import Daemon
-
-log = logging.getLogger("gpud.web.memory")
+log = logging.getLogger("gpud.memory")
 
 # After NVML failed to start, try again this much later rather than on every scrape.
 NVML_RETRY_SECONDS = 60.0
@@ -66,17 +63,6 @@ class _Nvml:
 
 
 _NVML = _Nvml()
-
-
-def engines_of(daemon: Daemon) -> list[Engine]:
-    """The engines gpud runs now (spawned or adopted), from the reconciler's snapshot."""
-    out = []
-    for key, inst in list(daemon.reconciler.instances.items()):
-        proc = inst.proc
-        pgid = getattr(proc, "pgid", None) if proc is not None else None
-        if isinstance(pgid, int) and pgid > 1:
-            out.append(Engine(key, inst.model, pgid, inst.gpu))
-    return out
 
 
 def _process_groups() -> dict[int, int]:
@@ -164,11 +150,6 @@ def _nvml_gpus(nvml: Any, pid_model: dict[int, str]) -> list[dict[str, Any]]:
             "other": other,
         })
     return gpus
-
-
-def memory_status(daemon: Daemon) -> dict[str, Any]:
-    """Memory per GPU and per engine, as shown under "memory" in /api/v1/status."""
-    return measure(engines_of(daemon))
 
 
 def measure(engines: list[Engine]) -> dict[str, Any]:
