@@ -138,7 +138,11 @@ http {{
     uwsgi_temp_path {tmp}/uwsgi;
     scgi_temp_path {tmp}/scgi;
     client_max_body_size 64m;
-    upstream engine {{ server 127.0.0.1:{engine}; keepalive 1024; }}
+    upstream engine {{ server 127.0.0.1:{engine}; keepalive 1024; keepalive_requests 1000000; }}
+    # nginx closes a client connection after 1,000 requests by default: the bench's clients
+    # keep theirs open (as gpud does), so a longer run would see nginx hang up.
+    keepalive_requests 1000000;
+    keepalive_timeout 300s;
     server {{
         listen 127.0.0.1:{port} backlog=4096;
         location / {{
@@ -193,7 +197,11 @@ def interleaved_c1(ports: dict[str, int], n: int) -> dict[str, list[float]]:
             s, buf, req = conns[name]
             t = time.perf_counter()
             s.sendall(req)
-            if _read_response(s, buf) != 200:
+            try:
+                status = _read_response(s, buf)
+            except ConnectionError as e:
+                raise SystemExit(f"{name} closed the connection after {i} requests") from e
+            if status != 200:
                 raise SystemExit(f"{name}: not 200")
             if i >= 200:
                 out[name].append(time.perf_counter() - t)
@@ -388,8 +396,8 @@ def table(res: dict[str, Any]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="a smoke run (fewer requests)")
-    ap.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio",
-                    help="gpud's event loop (GPUD_LOOP)")
+    ap.add_argument("--loop", choices=["asyncio", "uvloop"], default="uvloop",
+                    help="gpud's event loop (GPUD_LOOP; uvloop is the shipped default)")
     ap.add_argument("--requests", type=int, default=3000, help="per path, 1 in flight")
     ap.add_argument("--seconds", type=float, default=5.0, help="closed loop, per path")
     ap.add_argument("--streams", type=int, default=256)

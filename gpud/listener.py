@@ -24,7 +24,9 @@ import collections
 import errno
 import json
 import logging
+import os
 import resource
+import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -39,6 +41,10 @@ log = logging.getLogger("gpud.daemon")
 
 REPORT_EVERY = 10.0  # seconds between two log lines about the same trouble
 _FD_RESERVE = 128  # fds kept for engines' logs, state files, the KV pool, NVML
+# Connections accepted in one event-loop turn. asyncio uses the listen backlog for this too,
+# so a flood of 5,000 connects was accepted 1,024 at a time, each batch set up in one turn
+# while /healthz waited (225 ms). The kernel queue stays deep (GuardedSite.start).
+ACCEPT_BATCH = 16
 _OUT_OF_FDS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 _ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error",
                 503: "service_unavailable"}
@@ -164,9 +170,8 @@ class ConnectionGuard:
     def __init__(self, limits: Limits) -> None:
         self.limits = limits
         self.fd_limit = open_files_limit()
-        # asyncio accepts up to `backlog` sockets in one go before any close runs: the cap
-        # leaves room for that batch, so an accept never meets EMFILE for our own doing.
-        self.backlog = max(16, min(1024, self.fd_limit // 4))
+        # The kernel's queue of connections not yet accepted (they hold no fd of ours).
+        self.backlog = max(16, min(4096, self.fd_limit // 4))
         self.cap = self._cap_for(limits)
         self.open: set[GuardedHandler] = set()
         # Connections without a request in progress, the longest-waiting first.
@@ -187,7 +192,9 @@ class ConnectionGuard:
 
     def _cap_for(self, limits: Limits) -> int:
         # A proxied request holds a second fd (its engine connection): half of what is left.
-        room = max(16, (self.fd_limit - _FD_RESERVE - self.backlog) // 2)
+        # asyncio accepts up to ACCEPT_BATCH sockets in one go before any close runs: the cap
+        # leaves room for that batch, so an accept never meets EMFILE for our own doing.
+        room = max(16, (self.fd_limit - _FD_RESERVE - ACCEPT_BATCH) // 2)
         if limits.max_connections > room:
             log.warning("max_connections %d lowered to %d to fit the open-file limit %d "
                         "(raise LimitNOFILE to allow more)", limits.max_connections, room,
@@ -345,7 +352,10 @@ class GuardedSite(web.TCPSite):
         assert server is not None
         self._server = await asyncio.get_running_loop().create_server(
             self.guard.protocol_factory(server), self._host, self._port,
-            backlog=self._backlog, reuse_address=True)
+            backlog=ACCEPT_BATCH, reuse_address=True)
+        for ts in self._server.sockets:  # the same sockets, listening with a deep queue
+            with socket.socket(fileno=os.dup(ts.fileno())) as sock:
+                sock.listen(self._backlog)
 
 
 def split(listen: str) -> tuple[str, int]:
