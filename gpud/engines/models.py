@@ -18,7 +18,8 @@ class ModelBuildError(Exception):
 
 
 def ensure_tiny_model(
-    outdir: Path, vllm_python: Path | str, *, seed: int = 0, timeout: float = 600.0
+    outdir: Path, vllm_python: Path | str, *, seed: int = 0, timeout: float = 600.0,
+    kind: str = "generate",
 ) -> Path:
     """Make the tiny model in OUTDIR unless it is there; returns OUTDIR. Concurrent callers
     (parallel test workers, two demos) wait on a lock file and make it once."""
@@ -30,7 +31,8 @@ def ensure_tiny_model(
         fcntl.flock(lock, fcntl.LOCK_EX)
         if (outdir / "config.json").exists():
             return outdir
-        argv = [str(vllm_python), str(TINYMODEL_SCRIPT), str(outdir), "--seed", str(seed)]
+        argv = [str(vllm_python), str(TINYMODEL_SCRIPT), str(outdir), "--seed", str(seed),
+                "--kind", kind]
         try:
             done = subprocess.run(
                 argv, capture_output=True, text=True, timeout=timeout, check=False

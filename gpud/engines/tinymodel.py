@@ -8,6 +8,8 @@ Llama (hidden 256, 4 heads: the CPU attention kernels need head_dim >= 64), voca
 bf16, and a byte-level BPE tokenizer trained on the text below. Its output is gibberish;
 the serving path is real. Idempotent: an OUTDIR with a config.json is left alone. It is
 written to a temporary sibling directory and renamed, so a half-made model is never seen.
+`--kind classify` makes the same Llama as a one-label sequence classifier (a pooling
+model: vLLM serves /pooling, /classify, /score and /rerank for it).
 This script must never import gpud, nor reach the network.
 """
 
@@ -101,9 +103,15 @@ def make_tokenizer(outdir: Path) -> None:
     fast.save_pretrained(str(outdir))
 
 
-def make_model(outdir: Path, seed: int, vocab_size: int, bos: int, eos: int, pad: int) -> None:
+def make_model(outdir: Path, seed: int, vocab_size: int, bos: int, eos: int, pad: int,
+               kind: str = "generate") -> None:
     import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+    from transformers import (
+        GenerationConfig,
+        LlamaConfig,
+        LlamaForCausalLM,
+        LlamaForSequenceClassification,
+    )
 
     torch.manual_seed(seed)
     config = LlamaConfig(
@@ -119,13 +127,16 @@ def make_model(outdir: Path, seed: int, vocab_size: int, bos: int, eos: int, pad
         pad_token_id=pad,
         tie_word_embeddings=False,
         torch_dtype="bfloat16",
+        # classify: one label, a cross-encoder's shape, so vLLM serves /score and /rerank too
+        num_labels=1,
     )
-    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    cls = LlamaForSequenceClassification if kind == "classify" else LlamaForCausalLM
+    model = cls(config).to(torch.bfloat16)
     model.generation_config = GenerationConfig(bos_token_id=bos, eos_token_id=eos, pad_token_id=pad)
     model.save_pretrained(str(outdir), safe_serialization=True)
 
 
-def make(outdir: Path, seed: int) -> bool:
+def make(outdir: Path, seed: int, kind: str = "generate") -> bool:
     """Make the model in OUTDIR; False when it was already there."""
     if (outdir / "config.json").exists():
         return False
@@ -137,7 +148,8 @@ def make(outdir: Path, seed: int) -> bool:
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(str(tmp))
-        make_model(tmp, seed, len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
+        make_model(tmp, seed, len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id,
+                   kind)
         if outdir.exists():  # a leftover without config.json: an interrupted older run
             shutil.rmtree(outdir)
         os.rename(tmp, outdir)
@@ -151,8 +163,10 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("outdir", type=Path)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--kind", choices=("generate", "classify"), default="generate",
+                        help="classify: a one-label sequence classifier (a pooling model)")
     ns = parser.parse_args(argv)
-    made = make(ns.outdir, ns.seed)
+    made = make(ns.outdir, ns.seed, ns.kind)
     print(f"{'made' if made else 'exists'}: {ns.outdir}")
     return 0
 
