@@ -40,6 +40,7 @@ class ProxyBackend(LoopState):
                     max_concurrency=m.max_concurrency or max_num_seqs(m.args),
                     max_queue=m.max_queue, request_timeout=m.request_timeout.total_seconds(),
                     load_on_demand=m.load_on_demand,
+                    stream_keepalive=m.stream_keepalive.total_seconds(),
                     state=self.instances[name].state if name in self.instances else State.UNLOADED,
                 )
                 for name, m in self.config.models.items()

@@ -111,7 +111,7 @@ async def test_every_documented_route_exists_and_every_route_is_documented(
 
 async def test_documented_reads_answer(client: Client) -> None:
     for method, path in sorted(_documented()):
-        if method != "GET" or path in ("/api/v1/events",):
+        if method != "GET" or path in ("/api/v1/events", "/v1/{tail}"):  # {tail}: a 404
             continue
         url = path.replace("{name}", "chat").replace("{path}", "page.css")
         resp = await client.get(url)

@@ -191,6 +191,9 @@ class ModelConfig(Strict):
     max_queue: int = Field(default=256, ge=0, le=1_000_000)
     request_timeout: Timeout = timedelta(minutes=5)
     load_on_demand: bool = False
+    # SSE comments to a streamed request held by a load or a wake, this often; "0s": none
+    stream_keepalive: Annotated[Duration, between(None, timedelta(minutes=10))] = timedelta(
+        seconds=5)
     aliases: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(
         default_factory=list, max_length=64)
     args: list[Text] = Field(default_factory=list, max_length=MAX_ENTRIES)
@@ -206,6 +209,8 @@ class ModelConfig(Strict):
             raise ValueError("kv_min is larger than kv_max")
         if self.gpu is not None and self.gpus is not None:
             raise ValueError("give either gpu (one GPU) or gpus (a list, for replicas)")
+        if timedelta(0) < self.stream_keepalive < timedelta(milliseconds=100):
+            raise ValueError('stream_keepalive is "0s" (off) or at least 100ms')
         return self
 
     @property

@@ -30,6 +30,9 @@ class ModelRoute:
     request_timeout: float = 300.0  # seconds a request may wait for a wake or a slot
     load_on_demand: bool = False
     state: str = "awake"
+    # seconds between SSE keep-alive comments to a streamed request held by a load or a
+    # wake (gpud.proxy.keepalive); 0: none
+    stream_keepalive: float = 5.0
 
 
 class ModelUnavailable(Exception):

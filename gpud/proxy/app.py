@@ -27,27 +27,23 @@ from aiohttp import web
 from .api import Backend, ModelRoute, ModelUnavailable, ProxyObserver
 from .auth import ApiKey, KeyRing
 from .errors import Reject, error_response, timed_out, unreachable
+from .forms import StreamedBody, form_route
+from .keepalive import HeldStream, end_in_band, keep_alive, wants_stream
 from .limits import ModelGate, QueueFull
+from .paths import FORM_PATHS, INFERENCE_PATHS, unknown_path
 from .relay import ALIAS, MARKS, ModelRename, drop, mark, relay
 from .routing import rename_request, request_headers, route_for
 from .upstream import UpstreamClient, UpstreamError, UpstreamResponse
 
 __all__ = ["INFERENCE_PATHS", "MAX_BODY", "ModelRename", "Proxy", "error_response"]
 
-INFERENCE_PATHS: Final = (
-    "/v1/chat/completions",
-    "/v1/completions",
-    "/v1/embeddings",
-    "/v1/responses",
-    "/tokenize",
-    "/detokenize",
-)
 _QUEUE_FULL_RETRY_AFTER: Final = "1"
 MAX_BODY: Final = 64 * 1024 * 1024  # long prompts and inline images; aiohttp's default is 1 MiB
 _UPSTREAM_KEEPALIVE: Final = 3.0  # below uvicorn's 5 s, so we never reuse a socket it closes
 
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _ModelRename = ModelRename  # the name tests know it by
+Body = bytes | StreamedBody  # JSON is read whole; a multipart form streams through
 
 
 class Proxy:
@@ -87,6 +83,9 @@ class Proxy:
         for path in INFERENCE_PATHS:
             app.router.add_post(path, self._make_handler(path))
         app.router.add_get("/v1/models", self.handle_models)
+        # last: any other path under /v1/ gets a 404 naming the routes (a 405 for GET on one)
+        app.router.add_get("/v1/{tail:.*}", unknown_path)
+        app.router.add_post("/v1/{tail:.*}", unknown_path)
         app.on_startup.append(self._on_startup)
         app.on_cleanup.append(self._on_cleanup)
 
@@ -191,11 +190,16 @@ class Proxy:
     def _authenticate(self, request: web.Request) -> ApiKey | web.Response | None:
         if not self.keys.enabled:
             return None
-        key = self.keys.authenticate(request.headers.get("Authorization"))
+        authorization = request.headers.get("Authorization")
+        if authorization is None and "x-api-key" in request.headers:
+            # Anthropic's clients send the key as `x-api-key` (its Messages API's header).
+            authorization = "Bearer " + request.headers["x-api-key"]
+        key = self.keys.authenticate(authorization)
         if key is None:
             return error_response(
                 401,
-                "Missing or invalid API key: send `Authorization: Bearer <key>`.",
+                "Missing or invalid API key: send `Authorization: Bearer <key>` "
+                "(or `x-api-key: <key>`).",
                 "invalid_api_key",
                 type_="authentication_error",
             )
@@ -223,11 +227,17 @@ class Proxy:
             key = self._authenticate(request)
             if isinstance(key, web.Response):
                 raise Reject(key)
-            body = await request.read()
-            route, asked = route_for(self.backend.routes(), self.resolve, body, path, key)
+            body: Body
+            if path in FORM_PATHS:
+                body, route, asked = await form_route(request, self.backend.routes(),
+                                                      self.resolve, key, MAX_BODY)
+            else:
+                body = await request.read()
+                route, asked = route_for(self.backend.routes(), self.resolve, body, path, key)
+                if asked is not None:
+                    body = rename_request(body, route.name)
             model = route.name
             if asked is not None:
-                body = rename_request(body, route.name)
                 request[ALIAS] = ModelRename(route.name, asked)
             if marks is not None:
                 marks["model"] = model
@@ -255,7 +265,7 @@ class Proxy:
             self.timings.append(marks)
 
     async def _admit_and_forward(
-        self, request: web.Request, path: str, body: bytes, route: ModelRoute, t0: float
+        self, request: web.Request, path: str, body: Body, route: ModelRoute, t0: float
     ) -> tuple[web.StreamResponse, float | None]:
         name = route.name
         gate = self._gates.get(name)
@@ -293,25 +303,42 @@ class Proxy:
         return self._client
 
     async def _wake_and_send(
-        self, request: web.Request, path: str, body: bytes, route: ModelRoute, t0: float
+        self, request: web.Request, path: str, body: Body, route: ModelRoute, t0: float
     ) -> tuple[web.StreamResponse, float | None]:
         headers = request_headers(request)
         sent: asyncio.Future[UpstreamResponse] | None = None
+        opened: HeldStream | None = None
         base = self.backend.serving_upstream(route.name)
         if base is None:  # asleep, loading, failed: wait (no timer, no task when awake)
-            got = await self._ready(request, path, body, headers, route, t0)
+            got, opened = await self._held(request, path, body, headers, route, t0)
             if isinstance(got, web.Response):
-                return got, None
+                if opened is None:
+                    return got, None
+                await end_in_band(opened, path, got.status, _bytes(got))
+                return opened.resp, None
             base, sent = got
         else:
             mark(request, "upstream_ready_ms")
         try:
-            return await self._send(request, base, path, body, headers, route, t0, sent)
+            return await self._send(request, base, path, body, headers, route, t0, sent, opened)
         finally:
+            if opened is not None:
+                await opened.quiet()
             self.backend.upstream_released(route.name, base)
 
+    async def _held(
+        self, request: web.Request, path: str, body: Body, headers: bytes, route: ModelRoute,
+        t0: float,
+    ) -> tuple[tuple[str, asyncio.Future[UpstreamResponse] | None] | web.Response,
+               HeldStream | None]:
+        """`_ready`, with SSE keep-alive comments to a streamed request that waits long:
+        (what `_ready` gave, the client's response if opened)."""
+        stream = isinstance(body, bytes) and wants_stream(body)
+        return await keep_alive(request, self._ready(request, path, body, headers, route, t0),
+                                route, stream)
+
     async def _ready(
-        self, request: web.Request, path: str, body: bytes, headers: bytes, route: ModelRoute,
+        self, request: web.Request, path: str, body: Body, headers: bytes, route: ModelRoute,
         t0: float,
     ) -> tuple[str, asyncio.Future[UpstreamResponse] | None] | web.Response:
         """An engine for a model that serves nowhere now: (its base URL, the request sent
@@ -342,7 +369,7 @@ class Proxy:
 
     async def _wake(
         self, request: web.Request, route: ModelRoute, remaining: float, waking: Sequence[str],
-        path: str, body: bytes, headers: bytes,
+        path: str, body: Body, headers: bytes,
     ) -> tuple[str, str | None, asyncio.Future[UpstreamResponse] | None]:
         """Wait for a sleeping model's engine: (its base URL, the engine the request was sent
         to early or None, that early send). On any exception, nothing is left behind."""
@@ -352,7 +379,7 @@ class Proxy:
         sent: asyncio.Future[UpstreamResponse] | None = None
         try:
             early = await self._early(route.name, ready)
-            if early is not None:
+            if early is not None and isinstance(body, bytes):  # a stream cannot go twice
                 # The engine was sent its wake and queues requests meanwhile: this one
                 # follows the wake in, is tokenized while the weights come back and runs
                 # the moment the engine is awake.
@@ -388,11 +415,12 @@ class Proxy:
         request: web.Request,
         base: str,
         path: str,
-        body: bytes,
+        body: Body,
         headers: bytes,
         route: ModelRoute,
         t0: float,
         sent: asyncio.Future[UpstreamResponse] | None = None,
+        opened: HeldStream | None = None,
     ) -> tuple[web.StreamResponse, float | None]:
         client = self._upstream_client()
         try:
@@ -403,9 +431,18 @@ class Proxy:
             if upstream is None:
                 upstream = await client.post(base, path, body, headers)
         except (UpstreamError, OSError, TimeoutError) as e:
-            return unreachable(route, e), None
+            if opened is None:
+                return unreachable(route, e), None
+            err = unreachable(route, e)
+            await end_in_band(opened, path, err.status, _bytes(err))
+            return opened.resp, None
         except BaseException:
             drop(sent)
             raise
         mark(request, "upstream_head_ms")
-        return await relay(request, upstream, route, t0)
+        return await relay(request, upstream, route, t0, opened)
+
+
+def _bytes(resp: web.Response) -> bytes:
+    body = resp.body
+    return body if isinstance(body, bytes) else b""

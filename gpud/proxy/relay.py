@@ -17,6 +17,7 @@ from multidict import CIMultiDict
 
 from .api import ModelRoute
 from .errors import broken
+from .keepalive import HeldStream, end_in_band
 from .upstream import UpstreamError, UpstreamResponse
 
 RELAY_RESPONSE_HEADERS: Final = (
@@ -97,12 +98,19 @@ def drop(sent: asyncio.Future[UpstreamResponse] | None) -> None:
 
 
 async def relay(
-    request: web.Request, upstream: UpstreamResponse, route: ModelRoute, t0: float
+    request: web.Request, upstream: UpstreamResponse, route: ModelRoute, t0: float,
+    opened: HeldStream | None = None,
 ) -> tuple[web.StreamResponse, float | None]:
     """The engine's answer to the client: (the response, seconds to its first streamed chunk
     or None). Closes the engine socket however it ends (a cancelled client included): the
-    engine then aborts the request. A no-op once the body was read to its end."""
+    engine then aborts the request. A no-op once the body was read to its end.
+
+    `opened`: the client's SSE response, already sent (keep-alive comments while the model
+    loaded, until the first chunk): the engine's stream continues it, and an answer that
+    is not a stream is written into it as an error event."""
     try:
+        if opened is not None:
+            return await _into_opened(request, upstream, route, t0, opened)
         uh = upstream.headers
         out = CIMultiDict[str]()
         for lower, name in RELAY_RESPONSE_HEADERS:
@@ -124,6 +132,20 @@ async def relay(
         upstream.close()
 
 
+async def _into_opened(
+    request: web.Request, upstream: UpstreamResponse, route: ModelRoute, t0: float,
+    opened: HeldStream,
+) -> tuple[web.StreamResponse, float | None]:
+    rename = request.get(ALIAS)
+    if rename is not None and "content-encoding" in upstream.headers:
+        rename = None
+    if upstream.headers.get("content-type", "").startswith(SSE):
+        return await stream(request, upstream, CIMultiDict(), route, t0, rename, opened)
+    raw = await upstream.read()
+    await end_in_band(opened, request.path, upstream.status, raw)
+    return opened.resp, None
+
+
 async def stream(
     request: web.Request,
     upstream: UpstreamResponse,
@@ -131,11 +153,15 @@ async def stream(
     route: ModelRoute,
     t0: float,
     rename: ModelRename | None = None,
+    opened: HeldStream | None = None,
 ) -> tuple[web.StreamResponse, float | None]:
-    headers["Cache-Control"] = "no-cache"
-    headers["X-Accel-Buffering"] = "no"
-    resp = _StreamResponse(status=upstream.status, headers=headers)
-    await resp.prepare(request)
+    if opened is not None:
+        resp = opened.resp
+    else:
+        headers["Cache-Control"] = "no-cache"
+        headers["X-Accel-Buffering"] = "no"
+        resp = _StreamResponse(status=upstream.status, headers=headers)
+        await resp.prepare(request)
     ttft: float | None = None
     try:
         while chunk := await upstream.readany():
@@ -143,6 +169,8 @@ async def stream(
                 continue  # no whole line yet
             if ttft is None:
                 mark(request, "upstream_first_chunk_ms")
+                if opened is not None:
+                    await opened.quiet()  # no comment between the answer's bytes
                 await resp.write(chunk)
                 ttft = time.perf_counter() - t0
                 mark(request, "first_chunk_written_ms")

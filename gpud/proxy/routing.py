@@ -82,6 +82,14 @@ def route_for(
     name = _model_field(body)
     if name is None and path in MODEL_OPTIONAL and len(routes) == 1:
         return next(iter(routes.values())), None
+    return route_named(routes, resolve, name, key)
+
+
+def route_named(
+    routes: Mapping[str, ModelRoute], resolve: Callable[[str], ModelRoute | None],
+    name: object, key: ApiKey | None,
+) -> tuple[ModelRoute, str | None]:
+    """`route_for` once the model's name was read (from JSON or a form field)."""
     if not isinstance(name, str):
         known = ", ".join(sorted(routes))
         raise Reject(

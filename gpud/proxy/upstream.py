@@ -20,6 +20,8 @@ from typing import Final
 
 import httptools
 
+from .forms import StreamedBody
+
 _HIGH_WATER: Final = 256 * 1024  # pause reading the engine beyond this many unread bytes
 _MAX_HEAD: Final = 64 * 1024  # an engine's response head is a few hundred bytes
 
@@ -57,14 +59,29 @@ class _Conn(asyncio.Protocol):
         self._until_close = False  # no Content-Length, not chunked: the body ends at EOF
         self._eof = False
         self._error: BaseException | None = None
+        self._writable: asyncio.Future[None] | None = None  # set while writing is paused
 
     # -- asyncio.Protocol ------------------------------------------------------
+
+    def pause_writing(self) -> None:
+        self._writable = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self) -> None:
+        w, self._writable = self._writable, None
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    async def drain(self) -> None:
+        """Wait while the engine's socket buffer is full (a streamed request body)."""
+        if self._writable is not None:
+            await self._writable
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self.closed = True
+        self.resume_writing()
         self.pool.forget(self)
         if self.response is not None and not self._eof:
             if self._until_close and self._head_done:
@@ -333,7 +350,7 @@ class UpstreamClient:
         return proto
 
     async def post(
-        self, base: str, path: str, body: bytes, headers: bytes = b""
+        self, base: str, path: str, body: bytes | StreamedBody, headers: bytes = b""
     ) -> UpstreamResponse:
         """Send `POST path` with `body`; returns once the response head arrived.
 
@@ -341,6 +358,8 @@ class UpstreamClient:
         on a pooled connection that turned out closed before answering.
         """
         pool = self._pool(base)
+        if isinstance(body, StreamedBody):
+            return await self._post_streamed(pool, path, body, headers)
         head = b"".join(
             (
                 b"POST ",
@@ -373,6 +392,39 @@ class UpstreamClient:
                 raise
             return resp
         raise AssertionError("unreachable")
+
+    async def _post_streamed(
+        self, pool: _HostPool, path: str, body: StreamedBody, headers: bytes
+    ) -> UpstreamResponse:
+        """`post` of a body that is relayed as it arrives, on a new connection: it cannot be
+        sent twice, so never on a pooled socket that may turn out closed."""
+        chunked = body.length is None
+        framing = (b"Transfer-Encoding: chunked" if chunked
+                   else b"Content-Length: " + str(body.length).encode())
+        head = b"".join((b"POST ", path.encode(), b" HTTP/1.1\r\n", pool.prefix, headers,
+                         framing, b"\r\n\r\n"))
+
+        def frame(data: bytes) -> bytes:
+            return b"%x\r\n%s\r\n" % (len(data), data) if chunked and data else data
+
+        conn = await self._connect(pool)
+        resp = UpstreamResponse(conn)
+        conn.start(resp)
+        assert conn.transport is not None
+        try:
+            conn.transport.write(head + frame(body.prefix))
+            async for data in body.rest:
+                if conn.closed:
+                    break  # the engine answered early and closed; its answer is read below
+                conn.transport.write(frame(data))
+                await conn.drain()
+            if chunked and not conn.closed:
+                conn.transport.write(b"0\r\n\r\n")
+            await resp._read_head()
+        except BaseException:
+            conn.abort()
+            raise
+        return resp
 
     def close(self) -> None:
         for pool in self._pools.values():

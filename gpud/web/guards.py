@@ -33,7 +33,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("gpud.web")
 
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-_INFERENCE = ("/v1/", "/tokenize", "/detokenize")  # the proxy's paths (gpud.proxy.app)
+_INFERENCE = ("/v1/", "/v2/", "/tokenize", "/detokenize", "/pooling", "/classify", "/score",
+              "/rerank")  # the proxy's paths (gpud.proxy.paths)
 _BUG_REPORT_EVERY = 10.0
 
 
