@@ -46,6 +46,10 @@ class BlockBook:
     def __init__(self, geometry: KVGeometry, *, first_mapped: bool = True) -> None:
         self.geometry = geometry
         self.state = [GroupState.UNMAPPED] * geometry.num_groups
+        # Groups per state, kept with every change: the scheduler's path asks for these
+        # counts on every allocation, and a scan of every group there costs it latency.
+        self._count = dict.fromkeys(GroupState, 0)
+        self._count[GroupState.UNMAPPED] = geometry.num_groups
         self.used_in = [0] * geometry.num_groups
         self._used: set[int] = set()
         self._free = 0
@@ -54,6 +58,10 @@ class BlockBook:
             self.mapped([0])
 
     # -- queries ---------------------------------------------------------------------
+
+    def count(self, state: GroupState) -> int:
+        """How many groups are in ``state`` (O(1))."""
+        return self._count[state]
 
     @property
     def free_blocks(self) -> int:
@@ -121,6 +129,11 @@ class BlockBook:
 
     # -- transitions -------------------------------------------------------------------
 
+    def _set(self, g: int, state: GroupState) -> None:
+        self._count[self.state[g]] -= 1
+        self._count[state] += 1
+        self.state[g] = state
+
     def grow_into(self, groups: Iterable[int]) -> list[int]:
         """Unmapped groups whose pages are being asked for and mapped (off this thread)."""
         out = list(groups)
@@ -130,7 +143,7 @@ class BlockBook:
             if self.asleep:
                 raise BookError(f"page group {g} grown while the engine is asleep")
         for g in out:
-            self.state[g] = GroupState.GROWING
+            self._set(g, GroupState.GROWING)
         return out
 
     def growth_failed(self, groups: Iterable[int]) -> None:
@@ -138,7 +151,7 @@ class BlockBook:
         for g in groups:
             if self.state[g] is not GroupState.GROWING:
                 raise BookError(f"page group {g} is {self.state[g].value}, not growing")
-            self.state[g] = GroupState.UNMAPPED
+            self._set(g, GroupState.UNMAPPED)
 
     def mapped(self, groups: Iterable[int]) -> list[int]:
         """Record that ``groups`` (unmapped, or growing) are mapped now; returns their blocks
@@ -149,7 +162,7 @@ class BlockBook:
                 raise BookError(f"page group {g} is {self.state[g].value}, not unmapped")
             if self.asleep:
                 raise BookError(f"page group {g} mapped while the engine is asleep")
-            self.state[g] = GroupState.MAPPED
+            self._set(g, GroupState.MAPPED)
             blocks = [b for b in self.geometry.blocks_of(g) if b != NULL_BLOCK]
             self._free += len(blocks)
             fresh.extend(blocks)
@@ -195,7 +208,7 @@ class BlockBook:
                 )
             if g == 0 and not self.asleep:
                 raise BookError("page group 0 holds the null block: it stays while awake")
-            self.state[g] = GroupState.RETIRING
+            self._set(g, GroupState.RETIRING)
             blocks = [b for b in self.geometry.blocks_of(g) if b != NULL_BLOCK]
             self._free -= len(blocks)
             out.extend(blocks)
@@ -207,7 +220,7 @@ class BlockBook:
         for g in groups:
             if self.state[g] is not GroupState.RETIRING:
                 raise BookError(f"page group {g} is {self.state[g].value}, not retiring")
-            self.state[g] = GroupState.UNMAPPED
+            self._set(g, GroupState.UNMAPPED)
             done.append(g)
         return done
 
@@ -246,6 +259,8 @@ class BlockBook:
             counts[g] += 1
         if counts != self.used_in:
             raise BookError("per-group used counts drifted from the used blocks")
+        if any(self._count[s] != len(self.groups(s)) for s in GroupState):
+            raise BookError("per-state group counts drifted from the groups' states")
         if self._free != len(self.free_ids()):
             raise BookError(f"free count {self._free} != {len(self.free_ids())} free blocks")
         if not self.asleep and self.state[0] is not GroupState.MAPPED:

@@ -159,6 +159,9 @@ class LinkStats:
     give_backs: int = 0
     groups_given: int = 0
     fence_s: float = 0.0
+    #: Time vLLM's scheduler spent in the plugin's block-pool hooks, and how many calls.
+    hook_s: float = 0.0
+    hook_calls: int = 0
     last_logged: float = 0.0
     extra: dict[str, int] = field(default_factory=dict)
 
@@ -166,7 +169,8 @@ class LinkStats:
         return (f"{self.grants} grants, {self.groups_grown} groups in {self.grant_s:.3f}s of "
                 f"round trips + {self.map_s:.3f}s mapping (pool thread); the scheduler waited "
                 f"{self.waits} times, {self.wait_s:.3f}s; {self.give_backs} give-backs, "
-                f"{self.groups_given} groups, {self.fence_s:.3f}s on fences")
+                f"{self.groups_given} groups, {self.fence_s:.3f}s on fences; "
+                f"{self.hook_calls} block-pool hook calls, {self.hook_s:.3f}s")
 
 
 class PoolLink:
@@ -242,7 +246,8 @@ class PoolLink:
 
     def can_grow(self) -> bool:
         """Is there room to ask gpud for more (groups left, no recent refusal)?"""
-        if self.broken is not None or self.book.asleep or not self.book.unmapped_groups(1):
+        if (self.broken is not None or self.book.asleep
+                or not self.book.count(GroupState.UNMAPPED)):
             return False
         if self.refused_at is None:
             return True
@@ -251,7 +256,7 @@ class PoolLink:
     @property
     def growing(self) -> int:
         """Page groups asked for and not yet mapped or refused."""
-        return len(self.book.growing_groups)
+        return self.book.count(GroupState.GROWING)
 
     def request_growth(self, groups: int) -> int:
         """Ask the pool thread for up to ``groups`` more page groups; returns how many were
@@ -265,7 +270,7 @@ class PoolLink:
     def keep_ahead(self, fresh_free: int) -> None:
         """The watermark: with fewer than the low mark of fresh free blocks and no growth
         under way, ask for the next step ahead of need."""
-        mapped = len(self.book.mapped_groups)
+        mapped = self.book.count(GroupState.MAPPED)
         if self.growing or fresh_free >= self.growth.low_blocks(
             mapped, self.geometry.blocks_per_group
         ):
@@ -278,7 +283,7 @@ class PoolLink:
         need = self.geometry.groups_for(max(blocks, 1))
         if self.growing >= need:
             return 0
-        return self.request_growth(need + self.growth.step(len(self.book.mapped_groups)))
+        return self.request_growth(need + self.growth.step(self.book.count(GroupState.MAPPED)))
 
     def absorb(self) -> list[int]:
         """Take in what the pool thread did: mapped groups join the book (and vLLM's free

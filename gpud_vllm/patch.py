@@ -181,12 +181,15 @@ class _Plugin:
             return
         import torch
 
+        t0 = time.perf_counter()
         event = torch.cuda.Event()
         event.record()
         self.last_step = event
         link.service()
         link.absorb()
         stats, now = link.stats, time.monotonic()
+        stats.hook_s += time.perf_counter() - t0
+        stats.hook_calls += 1
         if stats.grants and now - stats.last_logged >= 10.0:
             stats.last_logged = now
             log.info("gpud-kv: %s; %s", stats.line(), link.summary())
@@ -330,8 +333,17 @@ def _make_block_pool(mod: ModuleType) -> type:
             return count
 
         def get_num_free_blocks(self) -> int:
+            t0 = time.perf_counter()
             self.link.absorb()  # groups the pool thread mapped since the last look
-            return int(super().get_num_free_blocks())
+            n = int(super().get_num_free_blocks())
+            self._spent(t0)
+            return n
+
+        def _spent(self, t0: float) -> None:
+            """Account a hook's time (the stats line says what the plugin costs a step)."""
+            stats = self.link.stats
+            stats.hook_s += time.perf_counter() - t0
+            stats.hook_calls += 1
 
         def _keep_ahead(self) -> None:
             free = self.free_block_queue.num_free_blocks
@@ -348,26 +360,33 @@ def _make_block_pool(mod: ModuleType) -> type:
             self.link.keep_ahead(free if fresh >= cap or free - fresh >= keep else fresh)
 
         def get_new_blocks(self, num_blocks: int) -> list[Any]:
-            if num_blocks > self.get_num_free_blocks():
+            t0 = time.perf_counter()
+            self.link.absorb()
+            if num_blocks > super().get_num_free_blocks():
                 raise PoolExhausted(
-                    f"{num_blocks} blocks wanted, {self.get_num_free_blocks()} mapped free: "
-                    f"{self.link.last_refusal}"
+                    f"{num_blocks} blocks wanted, {super().get_num_free_blocks()} mapped "
+                    f"free: {self.link.last_refusal}"
                 )
             blocks = super().get_new_blocks(num_blocks)
             self.link.book.take(b.block_id for b in blocks)
             self._keep_ahead()
+            self._spent(t0)
             return list(blocks)
 
         def touch(self, blocks: Sequence[Any]) -> None:
+            t0 = time.perf_counter()
             revived = [b.block_id for b in blocks if b.ref_cnt == 0 and not b.is_null]
             super().touch(blocks)
             self.link.book.take(dict.fromkeys(revived))
+            self._spent(t0)
 
         def free_blocks(self, ordered_blocks: Any) -> None:
+            t0 = time.perf_counter()
             blocks = list(ordered_blocks)
             super().free_blocks(blocks)
             freed = {b.block_id for b in blocks if b.ref_cnt == 0 and not b.is_null}
             self.link.book.release(freed)
+            self._spent(t0)
 
         def get_usage(self) -> float:
             total = self.num_gpu_blocks - 1

@@ -148,3 +148,17 @@ def test_sleep_with_blocks_in_use_is_a_bug() -> None:
     book.take([1])
     with pytest.raises(BookError, match="still in use"):
         book.sleep()
+
+
+def test_group_counts_follow_every_transition() -> None:
+    """The scheduler reads these counts on every allocation (O(1), no scan of the groups)."""
+    book = BlockBook(GEO)
+    book.grow_into([1, 2])
+    assert (book.count(GroupState.MAPPED), book.count(GroupState.GROWING)) == (1, 2)
+    book.mapped([1])
+    book.growth_failed([2])
+    book.retire([1])
+    assert [book.count(s) for s in GroupState] == [4, 0, 1, 1]  # unmapped, growing, ...
+    book.retired([1])
+    assert book.count(GroupState.UNMAPPED) == 5 and book.count(GroupState.MAPPED) == 1
+    book.check()

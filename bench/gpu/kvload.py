@@ -2,8 +2,10 @@
 the three scenarios (pooled and fixed always in the same run, the same arrival schedule):
 
   solo     Must-show 2, no contention: one engine and its own burst, the pool as big as the
-           fixed reservation. Burst 1 starts from the pool's idle floor (the pooled engine
-           must grow during it); burst 2 repeats it on the warm engine.
+           fixed reservation. An untimed warm-up burst on both engines (the pooled one grows
+           in it), then timed bursts alternating which engine goes first; the pooled engine
+           keeps its pages between them, as it does under gpud while no other model asks
+           (``--solo-trim``: trimmed to its floor before each, the after-an-idle-spell case).
   share2   Must-show 3, item 7 re-run: B serves a load and idles, then A bursts; one pool of
            the total vs two fixed halves.
   contend  Must-show 1, kvcached's shape: three engines of the same model on one GPU, the

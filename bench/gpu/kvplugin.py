@@ -526,8 +526,14 @@ def renamed(reqs: list[Any], names: dict[str, str]) -> list[Any]:
 
 def phase_solo(args: argparse.Namespace, work: Path, shim: Path) -> dict[str, Any]:
     """Must-show 2: one engine, its own burst, a pool as big as the fixed reservation.
-    Each repeat: gpud trims the pooled engine to its floor, then the same burst goes to the
-    fixed engine and to the pooled one (which must grow during it)."""
+
+    What a user of one pooled model sees: its engine keeps the pages it grew while no
+    other model asks for them (gpud trims only after ``kv_idle_after`` of quiet, or when
+    another model needs pages), so bursts after the first find them mapped. Both engines
+    get the same untimed warm-up burst first (the pooled one grows in it, both warm their
+    kernels); then ``--solo-reps`` timed bursts, the order of the two engines alternating.
+    ``--solo-trim``: gpud trims the pooled engine to its floor before every burst instead
+    (a burst after every idle spell: the engine must grow during each)."""
     import random
 
     import kvload
@@ -535,57 +541,72 @@ def phase_solo(args: argparse.Namespace, work: Path, shim: Path) -> dict[str, An
     kv, pages = args.solo_bytes, args.solo_bytes // PAGE
     sock = work / "solo.sock"
     pool = Pool(sock, [TenantSpec("pooled", 16, pages, 10)], pages)
-    res: dict[str, Any] = {"kv_bytes": kv, "pool_pages": pages}
+    res: dict[str, Any] = {"kv_bytes": kv, "pool_pages": pages, "trim_each_rep": args.solo_trim,
+                           "rate": args.rate, "burst_s": args.burst_s,
+                           "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens}
     engines = start_all(args, work, shim, [("fixed", 8121, kv, None),
                                            ("pooled", 8122, kv, sock)])
     pooled = engines[1]
     try:
         res["start_s"] = {e.name: round(e.start_s, 1) for e in engines}
-        rng = random.Random(args.seed)
-        warm = kvload.at_once(rng, "x", 0, 4, 64, 8)
-        for e in engines:
-            kvload.run_schedule({e.name: e.url}, renamed(warm, {"x": e.name}))
         burst = kvload.poisson_burst(random.Random(args.seed + 1), "x", 0, args.burst_s,
                                      args.rate, args.prompt_tokens, args.max_tokens)
         res["requests_per_burst"] = len(burst)
-        rep_s = 0.0
-        runs: dict[str, list[dict[str, Any]]] = {"fixed": [], "pooled": []}
-        reps: list[dict[str, Any]] = []
-        for i in range(args.solo_reps):
-            if i and left() < 2.5 * rep_s + 15:  # keep the time to write it all down
-                res["reps_cut"] = f"{i} of {args.solo_reps} reps: {left():.0f}s left"
-                break
-            t_rep = time.monotonic()
-            rep: dict[str, Any] = {}
-            # gpud's idle trim first: every pooled burst starts from the pool's floor.
-            rep["trimmed_pages"] = pool.call(pool.server.trim("pooled"))
-            rep["pages_before"] = pool.snapshot()["granted"].get("pooled")
-            for e in engines:
-                samples: list[dict[str, Any]] = []
-                stop = threading.Event()
-                th = threading.Thread(target=sampler, args=(pool, stop, samples))
-                th.start()
-                results = kvload.run_schedule({e.name: e.url}, renamed(burst, {"x": e.name}))
-                stop.set()
-                th.join()
-                runs[e.name] += results
-                rep[e.name] = {**kvload.summarize(results), "pages_peak": max(
-                    s["granted"].get("pooled", 0) for s in samples)}
-            reps.append(rep)
-            rep_s = time.monotonic() - t_rep
-            res["reps"] = reps
-            save(res)
+        warm = kvload.poisson_burst(random.Random(args.seed + 99), "x", 0, args.burst_s,
+                                    args.rate, args.prompt_tokens, args.max_tokens)
+        res["warmup"] = {e.name: kvload.summarize(kvload.run_schedule(
+            {e.name: e.url}, renamed(warm, {"x": e.name}))) for e in engines}
+        res["pages_after_warmup"] = pool.snapshot()["granted"].get("pooled")
+        runs, reps = _solo_reps(args, pool, engines, burst, res)
         res["fixed"] = {**kvload.summarize(runs["fixed"]),
                         "preemptions": kvload.preemptions(engines[0].metrics())}
         res["pooled"] = {**kvload.summarize(runs["pooled"]),
                          "preemptions": kvload.preemptions(pooled.metrics())}
         res["pooled_over_fixed"] = kvload.compare(res["pooled"], res["fixed"])
+        res["median_rep_ratio"] = {k: round(statistics.median(
+            r["pooled"][k] / r["fixed"][k] for r in reps), 4) for k in ("ttft_p50", "ttft_p99")}
         res["plugin_log"] = plugin_lines(pooled, 12)
     finally:
         for e in engines:
             e.stop()
         pool.close()
     return res
+
+
+def _solo_reps(args: argparse.Namespace, pool: Pool, engines: list[Engine], burst: list[Any],
+               res: dict[str, Any]) -> tuple[dict[str, list[Any]], list[dict[str, Any]]]:
+    """The timed bursts: each rep the same burst to both engines, one after the other (the
+    first alternating), with the pooled engine's pages sampled throughout."""
+    import kvload
+
+    rep_s = 0.0
+    runs: dict[str, list[Any]] = {"fixed": [], "pooled": []}
+    reps: list[dict[str, Any]] = []
+    for i in range(args.solo_reps):
+        if i and left() < 2.5 * rep_s + 15:  # keep the time to write it all down
+            res["reps_cut"] = f"{i} of {args.solo_reps} reps: {left():.0f}s left"
+            break
+        t_rep = time.monotonic()
+        rep: dict[str, Any] = {"first": engines[i % 2].name}
+        if args.solo_trim:  # gpud's idle trim: the pooled burst starts from the floor
+            rep["trimmed_pages"] = pool.call(pool.server.trim("pooled"))
+        rep["pages_before"] = pool.snapshot()["granted"].get("pooled")
+        for e in (engines if i % 2 == 0 else engines[::-1]):
+            samples: list[dict[str, Any]] = []
+            stop = threading.Event()
+            th = threading.Thread(target=sampler, args=(pool, stop, samples))
+            th.start()
+            results = kvload.run_schedule({e.name: e.url}, renamed(burst, {"x": e.name}))
+            stop.set()
+            th.join()
+            runs[e.name] += results
+            rep[e.name] = {**kvload.summarize(results), "pages_peak": max(
+                s["granted"].get("pooled", 0) for s in samples)}
+        reps.append(rep)
+        rep_s = time.monotonic() - t_rep
+        res["reps"] = reps
+        save(res)
+    return runs, reps
 
 
 def phase_share2(args: argparse.Namespace, work: Path, shim: Path) -> dict[str, Any]:
@@ -814,7 +835,7 @@ def _hog_for_kvcached(by: dict[str, Engine], models: list[str], total: int,
 
 
 # Rough seconds per phase on the H100 (a phase is skipped when less is left).
-NEEDS = {"smoke": 90, "v2": 240, "v1": 200, "share": 240, "solo": 120, "share2": 140,
+NEEDS = {"smoke": 90, "v2": 240, "v1": 200, "share": 240, "solo": 160, "share2": 140,
          "contend": 200, "kvcached": 200, "anchor": 280}
 
 
@@ -855,7 +876,9 @@ def main() -> None:
     ap.add_argument("--extra", action="append", default=[],
                     help="extra vLLM flag (use --extra=--enforce-eager)")
     ap.add_argument("--solo-bytes", type=int, default=8 * GiB)
-    ap.add_argument("--solo-reps", type=int, default=3, help="solo: bursts per engine")
+    ap.add_argument("--solo-reps", type=int, default=6, help="solo: timed bursts per engine")
+    ap.add_argument("--solo-trim", action="store_true",
+                    help="solo: gpud trims the pooled engine to its floor before every burst")
     ap.add_argument("--contend-bytes", type=int, default=6 * GiB)
     ap.add_argument("--rate", type=float, default=20.0, help="requests/s inside a burst")
     ap.add_argument("--burst-s", type=float, default=5.0)
