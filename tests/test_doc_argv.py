@@ -48,7 +48,7 @@ COMMANDS = documented_commands()
 
 def test_the_docs_have_commands_to_check() -> None:
     files = {where.split(":")[0] for where, _ in COMMANDS}
-    assert {"docs/install.md", "etc/gpud/gpud.toml"} <= files, files
+    assert {"README.md", "docs/install.md", "etc/gpud/gpud.toml"} <= files, files
 
 
 def model_vllm_gets(argv: list[str], source: str) -> str | None:
