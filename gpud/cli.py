@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from gpud import __version__
-from gpud.cli_fmt import colour_wanted, flags_text, paint, state_text, table
+from gpud.cli_fmt import colour_wanted, flags_text, paint, phases_text, state_text, table
 from gpud.config import DEFAULT_PATH, ConfigError, LoadedConfig, load_config, zone_of
 from gpud.states import State
 
@@ -330,6 +330,8 @@ def status_lines(data: dict[str, Any], colour: bool = False) -> list[str]:
         ])
     out += table(rows)
     for name, m in data["models"].items():
+        if m.get("phase"):
+            out.append(f"  {name} load: {phases_text(m)}")
         if m.get("log_line"):
             out.append(f"  {name} log: {m['log_line']}")
     return out

@@ -64,6 +64,13 @@ def state_text(m: dict[str, Any]) -> str:
     return f"{state} {seconds(m.get('state_seconds'))}"
 
 
+def phases_text(m: dict[str, Any]) -> str:
+    """A load's phases so far: `starting process 4s · loading weights 2s · now compiling
+    and profiling 3s`."""
+    done = [f"{p['phase']} {seconds(p['seconds'])}" for p in m.get("phases") or []]
+    return " · ".join([*done, f"now {m['phase']} {seconds(m.get('phase_seconds'))}"])
+
+
 def flags_text(m: dict[str, Any]) -> str:
     """What else explains the model's behaviour: priority, pinned, on-demand, idle timer."""
     out = []

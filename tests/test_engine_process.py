@@ -191,6 +191,14 @@ async def test_a_chatty_engine_never_exceeds_its_log_budget(tmp_path: Path) -> N
     assert any(ln.startswith("line 019") for ln in proc.log_tail())
 
 
+def _read_or_empty(path: Path) -> str:
+    """The file's text; empty in the instant a rotation has moved it and not yet made it."""
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        return ""
+
+
 async def test_the_log_writer_outlives_gpud_and_keeps_the_cap(tmp_path: Path) -> None:
     """gpud stops watching (it exits; the next one adopts): the engine still logs, capped."""
     code = ("import sys, time\n"
@@ -201,7 +209,7 @@ async def test_the_log_writer_outlives_gpud_and_keeps_the_cap(tmp_path: Path) ->
                                log_bytes=4096, log_files=2)
     proc.close()  # gpud is gone
     deadline = time.monotonic() + 30
-    while "tick 399" not in (tmp_path / "alone.log").read_text():
+    while "tick 399" not in _read_or_empty(tmp_path / "alone.log"):
         assert time.monotonic() < deadline, _log_files(tmp_path, "alone")
         assert sum(_log_files(tmp_path, "alone").values()) <= 4096 * 2
         await asyncio.sleep(0.01)

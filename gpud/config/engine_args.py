@@ -61,3 +61,29 @@ def check_env(env: dict[str, str] | tuple[tuple[str, str], ...]) -> list[str]:
         for k in keys
         if k in FORBIDDEN_ENV
     ]
+
+
+# vLLM's OpenAI server modules. Their parser takes a positional `model_tag`, but only
+# `vllm serve` uses it: run as a module, the source after the command lands there unused
+# and vLLM serves its default model (Qwen/Qwen3-0.6B), downloading it first. Silently.
+API_SERVER_MODULES = ("vllm.entrypoints.openai.api_server",
+                      "vllm.entrypoints.launchers.api_server.entry")
+
+
+def command_problem(command: list[str] | tuple[str, ...]) -> str | None:
+    """Why this engine command would not start the model it is given, or None.
+
+    gpud appends the source right after the command (`gpud.engines.vllm.build_argv`), so
+    `vllm serve` takes it as its positional model and a command ending in `--model` takes it
+    as that option's value; vLLM's api_server module takes it as nothing at all.
+    """
+    parts = list(command)
+    if "-m" not in parts[:-1]:
+        return None
+    module = parts[parts.index("-m") + 1]
+    if module in API_SERVER_MODULES and parts[-1] != "--model":
+        return (f"`-m {module}` takes the model only as --model: without it the model's "
+                "source is a stray positional and vLLM serves its default model instead; "
+                'end the command with "--model", e.g. ["/opt/vllm/bin/python", "-m", '
+                f'"{module}", "--model"], or use ["/opt/vllm/bin/vllm", "serve"]')
+    return None

@@ -22,7 +22,12 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from gpud.config.engine_args import FORBIDDEN_ARGS, FORBIDDEN_ENV, option_name
+from gpud.config.engine_args import (
+    FORBIDDEN_ARGS,
+    FORBIDDEN_ENV,
+    command_problem,
+    option_name,
+)
 from gpud.config.locate import Locator
 from gpud.config.read import MAX_DEPTH, ReadProblem, decode, deepest, read_limited, too_deep
 from gpud.config.schema import MAX_ENTRIES, GpudConfig
@@ -297,6 +302,9 @@ def _check_models(cfg: GpudConfig, loc: _Located) -> list[ErrorItem]:
             aliases[alias] = name
         errors += _check_args_env(loc, name, model.args, model.env)
     for kind, engine in cfg.engines.items():
+        shape = command_problem(engine.command)
+        if shape:
+            errors.append(loc.error(("engines", kind, "command"), shape))
         for var in engine.env:
             if var in FORBIDDEN_ENV:
                 errors.append(loc.error(("engines", kind, "env", var),

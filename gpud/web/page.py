@@ -110,6 +110,9 @@ def describe_event(e: dict[str, Any]) -> str:
         return f"reload refused ({e.get('source')}): {e.get('error')}"
     if kind == "profile":
         return f"profile {e.get('profile') or '(schedule)'} · {e.get('reason', '')}"
+    if kind == "phase":
+        return (f"{e.get('previous')} took {e.get('seconds')}s, now {e.get('phase')} "
+                f"({e.get('elapsed')}s in all)")
     if kind == "crashed":
         return f"pid {e.get('pid')}: {e.get('cause')} {e.get('detail') or ''}".strip()
     parts = [str(e[k]) for k in ("state", "reason", "error") if e.get(k)]
@@ -202,7 +205,7 @@ def _model_row(key: str, m: dict[str, Any], colour: str, mem: int | None, admin:
         _cell("Model", "name",
               f'<span class="dot" style="background:{colour}"></span><strong>{esc(key)}</strong>'
               f'<div class="sub">{esc(" · ".join(sub))}</div>'),
-        _cell("State", "st", f"{_state_pill(state)}{goal}"),
+        _cell("State", "st", f"{_state_pill(state)}{goal}{_progress(m)}"),
         _cell("Why", "reason", f"{esc(m.get('reason'))}{layer}{error}"),
         _cell("Up", "up", esc(up), f"state since {m.get('state_since') or ''}"),
         _cell("In flight", "flight", esc(flight), "in flight / queued"),
@@ -214,6 +217,27 @@ def _model_row(key: str, m: dict[str, Any], colour: str, mem: int | None, admin:
         cells.append(_cell("Actions", "actions", _buttons(m, state)))
     return (f'<tr data-key="{esc(key)}" data-model="{esc(m.get("model", key))}" '
             f'class="row-{esc(state)}">{"".join(cells)}</tr>')
+
+
+def elapsed(seconds: float | None) -> str:
+    """12s, 3m05s: a load phase's time to the second (gpud status writes the same)."""
+    s = int(max(0.0, seconds or 0.0) + 0.5)
+    return f"{s}s" if s < 60 else f"{s // 60}m{s % 60:02d}s"
+
+
+def _progress(m: dict[str, Any]) -> str:
+    """Under a starting model's state: the load's phase and its time, the phases before
+    with theirs, the engine's last log line; under another moving state, its time so far."""
+    if m.get("phase"):
+        done = "".join(f'<li>{esc(p["phase"])} <span class="t">{elapsed(p["seconds"])}</span>'
+                       "</li>" for p in m.get("phases") or [])
+        line = (f'<div class="sub logline">{esc(m["log_line"])}</div>'
+                if m.get("log_line") else "")
+        return (f'<ol class="phases">{done}<li class="current">{esc(m["phase"])} <span class="t">'
+                f'{elapsed(m.get("phase_seconds"))}</span></li></ol>{line}')
+    if m.get("state") in TRANSITIONAL and m.get("state_seconds") is not None:
+        return f' <span class="sub t">{elapsed(m["state_seconds"])}</span>'
+    return ""
 
 
 def _cell(label: str, cls: str, inner: str, title: str | None = None) -> str:

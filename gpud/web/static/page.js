@@ -85,6 +85,7 @@
         return e.valid ? `reloaded (${e.source}): revision ${e.previous} → ${e.revision}`
           : `reload refused (${e.source}): ${e.error}`;
       case "profile": return `profile ${e.profile || "(schedule)"} · ${e.reason || ""}`;
+      case "phase": return `${e.previous} took ${e.seconds}s, now ${e.phase} (${e.elapsed}s in all)`;
       case "crashed": return `pid ${e.pid}: ${e.cause} ${e.detail || ""}`.trim();
       default: return ["state", "reason", "error"].filter((k) => e[k]).map((k) => String(e[k])).join(" · ");
     }
@@ -101,6 +102,26 @@
   }
 
   // --- models -----------------------------------------------------------------------------
+  function elapsed(seconds) {  // 12s, 3m05s: as gpud/web/page.py and `gpud status` write it
+    const s = Math.round(Math.max(0, seconds || 0));
+    return s < 60 ? `${s}s` : `${Math.floor(s / 60)}m${String(s % 60).padStart(2, "0")}s`;
+  }
+
+  // Under a starting model's state: its load phase and time, the phases before with theirs,
+  // the engine's last log line; under another moving state, its time so far.
+  function progress(m) {
+    if (m.phase) {
+      const item = (p, s, cls) => el("li", { class: cls }, p, " ", el("span", { class: "t" }, elapsed(s)));
+      return [el("ol", { class: "phases" }, (m.phases || []).map((p) => item(p.phase, p.seconds)),
+        item(m.phase, m.phase_seconds, "current")),
+      m.log_line ? el("div", { class: "sub logline" }, m.log_line) : null];
+    }
+    if (TRANSITIONAL.includes(m.state) && m.state_seconds !== null && m.state_seconds !== undefined) {
+      return [" ", el("span", { class: "sub t" }, elapsed(m.state_seconds))];
+    }
+    return null;
+  }
+
   function statePill(state) {
     const moving = TRANSITIONAL.includes(state) ? " moving" : "";
     return el("span", { class: `state state-${state}${moving}` }, state);
@@ -125,7 +146,8 @@
       cell("Model", "name", null, el("span", { class: "dot", style: `background:${colour}` }),
         el("strong", {}, key), el("div", { class: "sub" }, sub)),
       cell("State", "st", null, statePill(state),
-        m.desired && m.desired !== state ? [" ", el("span", { class: "goal", title: "desired state" }, `→ ${m.desired}`)] : null),
+        m.desired && m.desired !== state ? [" ", el("span", { class: "goal", title: "desired state" }, `→ ${m.desired}`)] : null,
+        progress(m)),
       cell("Why", "reason", null, m.reason || "", m.layer ? el("span", { class: "layer" }, m.layer) : null,
         showError ? el("div", { class: "error" }, m.last_error) : null),
       cell("Up", "up", `state since ${m.state_since || ""}`,
@@ -257,6 +279,10 @@
         renderModels(status);
         renderMemory(status);
         if (!logModel) pickDefaultLog(status);
+        // while a model moves, its phase and time go on: read again each second
+        if (Object.values(status.models || {}).some((m) => TRANSITIONAL.includes(m.state))) {
+          clearTimeout(timer); timer = setTimeout(refresh, 1000);
+        }
       }
     } catch (err) { /* offline for a moment: the next event or tick tries again */ }
     refreshing = false;
