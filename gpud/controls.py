@@ -7,6 +7,7 @@ on in its next pass.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Sequence
 from datetime import datetime
@@ -122,6 +123,15 @@ class DaemonControl:
         proxy = self._d.proxy
         if proxy is not None and getattr(proxy, "observer", None) is None:
             proxy.observer = observer
+
+    async def activity(self, *, model: str | None, key: str | None,
+                       limit: int) -> dict[str, Any]:
+        log = self._d.activity
+        rows = await asyncio.to_thread(log.query, model=model, key=key, limit=limit)
+        return {"rows": rows, "cap": log.cap, "dropped": log.dropped}
+
+    def activity_totals(self) -> dict[str, dict[str, int]]:
+        return self._d.activity.totals()
 
     # --- messages to the loop -----------------------------------------------------------
 
