@@ -25,7 +25,7 @@ REQUESTS = 1000
 CONCURRENCY = 16
 
 
-def _auth_section(root: Path) -> str:
+def auth_section(root: Path) -> str:
     text = ""
     for name, secret in KEYS.items():
         path = root / f"{name}.key"
@@ -38,7 +38,7 @@ def _auth_section(root: Path) -> str:
 @pytest.fixture
 def keyed_box(box: Box) -> Iterator[Box]:
     """The box with two API keys (the engines stay as they are), put back afterwards."""
-    box.write({"chat": "awake", "batch": "asleep"}, _auth_section(box.root))
+    box.write({"chat": "awake", "batch": "asleep"}, auth_section(box.root))
     assert box.gpud.request("POST", "/api/v1/reload")["valid"] is True
     try:
         yield box

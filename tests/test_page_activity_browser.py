@@ -8,11 +8,14 @@ and that a TTFT figure was measured.
 from __future__ import annotations
 
 import re
+import urllib.error
+import urllib.request
 from typing import Any
 
 import pytest
 from box_fixture import CHAT_ALIAS, Box
 from playwright.sync_api import expect
+from test_e2e_activity import KEYS, auth_section, keyed_box  # noqa: F401 (a fixture)
 from test_page_browser import ARTIFACTS, DESKTOP, PHONE, browser  # noqa: F401 (a fixture)
 
 pytestmark = [pytest.mark.browser, pytest.mark.engine]
@@ -102,5 +105,48 @@ def test_playground_streams_a_reply_with_its_ttft(box: Box, browser: Any) -> Non
     assert (row["model"], row["endpoint"], row["stream"], row["status"]) == (
         "chat", "/v1/chat/completions", True, 200)
     assert row["ttft"] is not None and row["tokens_out"] is not None
+    page.close()
+    assert errors == []
+
+
+def _ask(page: Any) -> None:
+    page.select_option("#play-model", "chat")
+    page.fill("#play-prompt", "Hello there.")
+    page.locator("#play-send").click()
+    expect(page.locator("#play-state")).to_have_text("done", timeout=60_000)
+    assert re.fullmatch(r"\d+ ms", page.locator("#play-ttft").inner_text())
+
+
+def test_playground_works_with_api_keys(keyed_box: Box, browser: Any) -> None:  # noqa: F811
+    box = keyed_box
+    page = browser.new_page(viewport=DESKTOP)
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(f"http://127.0.0.1:{box.port}/#playground")
+    key = page.locator("#play").get_attribute("data-key")
+    assert key and key not in KEYS.values()
+    page.fill("#play-max", "8")
+    _ask(page)
+    row = box.gpud.get("/api/v1/activity?limit=1")["rows"][0]
+    assert (row["key"], row["model"], row["status"], row["stream"]) == (
+        "admin-playground", "chat", 200, True)
+    # the key is the page's, not an open door: a client without a key is still refused
+    req = urllib.request.Request(f"{box.gpud.url}/v1/completions", method="POST",
+                                 data=b'{"model": "chat", "prompt": "x"}')
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(req, timeout=10)
+    assert refused.value.code == 401
+    # a reload replaces the proxy's keys: the page is refused once, fetches its key again
+    # and goes on, without a reload of the page
+    box.write({"chat": "awake", "batch": "asleep"},
+              auth_section(box.root) + '[[auth.keys]]\nname = "carol"\n'
+              f'key_hash = "{"0" * 64}"\n')
+    assert box.gpud.request("POST", "/api/v1/reload")["changed"] is True
+    page.evaluate("window.__sameDocument = true")
+    _ask(page)
+    assert page.evaluate("window.__sameDocument") is True
+    last_two = box.gpud.get("/api/v1/activity?limit=2")["rows"]
+    assert [(r["status"], r["key"]) for r in last_two] == [(200, "admin-playground"),
+                                                           (401, None)]
     page.close()
     assert errors == []

@@ -60,6 +60,8 @@ class Control(Protocol):
         worker thread, so it may be awaited on the loop."""
     def activity_totals(self) -> dict[str, dict[str, int]]:
         """Requests and tokens per API key name since start-up ("" without auth)."""
+    def playground_key(self) -> str | None:
+        """The key the page's playground sends (admins only), or None when inference is open."""
 
     # --- messages to the loop -----------------------------------------------------------
     def set_override(self, model: str, state: str | None, until: datetime | None, reason: str,

@@ -448,7 +448,7 @@ class Page:
             tz=esc(_zone_name(d)),
             logs=render_logs(d, status, selected),
             activity=await render_activity(d, admin, d.now().tzinfo),
-            playground=render_playground(status),
+            playground=render_playground(status, d.playground_key() if admin else None),
         )
         return web.Response(text=body, content_type="text/html", charset="utf-8",
                             headers={"Cache-Control": "no-cache",

@@ -31,7 +31,8 @@ def activity_cells(r: dict[str, Any], tz: tzinfo | None) -> list[str]:
     tin, tout = r.get("tokens_in"), r.get("tokens_out")
     tokens = "–" if tin is None and tout is None else f"{tin or 0} → {tout or 0}"
     return [datetime.fromtimestamp(float(r["at"]), tz).strftime("%H:%M:%S"), model,
-            r.get("key") or "–", str(r.get("endpoint", "")) + (" ⇶" if r.get("stream") else ""),
+            r.get("key") or "–",
+            str(r.get("endpoint", "")) + (" · stream" if r.get("stream") else ""),
             str(r.get("status")), _secs(r.get("ttft")), _secs(r.get("duration")), tokens]
 
 
@@ -57,13 +58,16 @@ async def render_activity(control: Control, admin: bool, tz: tzinfo | None) -> s
             f"<tbody>{body}</tbody></table>{empty}")
 
 
-def render_playground(status: dict[str, Any]) -> str:
+def render_playground(status: dict[str, Any], key: str | None) -> str:
+    """`key`: the proxy's key for the admin's playground (None: inference is open, or not
+    an admin, whose prompt then gets the proxy's 401)."""
     names = sorted({str(m.get("model", k)) for k, m in status.get("models", {}).items()})
     if not names:
         return '<p class="empty">No models to talk to.</p>'
+    attr = f' data-key="{_esc(key)}"' if key else ""
     options = "".join(f'<option value="{_esc(n)}">{_esc(n)}</option>' for n in names)
     return (
-        '<form id="play" class="play">'
+        f'<form id="play" class="play"{attr}>'
         f'<label>Model <select id="play-model" name="model">{options}</select></label>'
         '<label>Max tokens <input id="play-max" type="number" min="1" max="4096" value="64">'
         "</label>"

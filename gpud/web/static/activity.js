@@ -28,7 +28,7 @@
     const none = r.tokens_in === null && r.tokens_out === null;
     const tokens = none ? "–" : `${r.tokens_in || 0} → ${r.tokens_out || 0}`;
     return [clock.format(new Date(r.at * 1000)), model, r.key || "–",
-      `${r.endpoint}${r.stream ? " ⇶" : ""}`, String(r.status), ms(r.ttft), ms(r.duration), tokens];
+      `${r.endpoint}${r.stream ? " · stream" : ""}`, String(r.status), ms(r.ttft), ms(r.duration), tokens];
   }
 
   let polling = false;
@@ -75,6 +75,26 @@
     }
   }
 
+  // With API keys on, an admin's page carries a key for the playground (data-key); a reload
+  // of the config replaces the proxy's keys, and a fresh page render puts it back.
+  function post(body) {
+    const headers = { "Content-Type": "application/json", Accept: "text/event-stream" };
+    const key = $("#play").dataset.key;
+    if (key) headers.Authorization = `Bearer ${key}`;
+    return fetch("/v1/chat/completions", { method: "POST", signal: controller.signal, headers, body });
+  }
+
+  async function renewKey() {
+    try {
+      const resp = await fetch(location.pathname, { cache: "no-store" });
+      const doc = new DOMParser().parseFromString(await resp.text(), "text/html");
+      const fresh = doc.querySelector("#play");
+      if (!fresh || !fresh.dataset.key) return false;
+      $("#play").dataset.key = fresh.dataset.key;
+      return true;
+    } catch (err) { return false; }
+  }
+
   async function send(ev) {
     ev.preventDefault();
     const out = $("#play-out");
@@ -90,12 +110,10 @@
     const t0 = performance.now();
     let first = null, last = null, pieces = 0, usage = null;
     try {
-      const resp = await fetch("/v1/chat/completions", {
-        method: "POST", signal: controller.signal,
-        headers: { "Content-Type": "application/json", Accept: "text/event-stream" },
-        body: JSON.stringify({ model, stream: true, max_tokens: maxTokens,
-          stream_options: { include_usage: true }, messages: [{ role: "user", content: prompt }] }),
-      });
+      const body = JSON.stringify({ model, stream: true, max_tokens: maxTokens,
+        stream_options: { include_usage: true }, messages: [{ role: "user", content: prompt }] });
+      let resp = await post(body);
+      if (resp.status === 401 && await renewKey()) resp = await post(body);
       if (!resp.ok || !resp.body) {
         const data = await resp.json().catch(() => ({}));
         throw new Error((data.error && data.error.message) || `HTTP ${resp.status}`);
