@@ -11,8 +11,8 @@ latency. Never stores a prompt, a completion or a key's secret: only the key's n
 from __future__ import annotations
 
 import collections
-import json
 import logging
+import re
 import sqlite3
 import threading
 import time
@@ -28,6 +28,7 @@ DEFAULT_ROWS: Final = 100_000
 MAX_LIMIT: Final = 10_000  # rows one query may return
 _PENDING_MAX: Final = 100_000  # requests waiting for the writer before new ones are dropped
 _BATCH: Final = 512  # wake the writer early once this many wait
+_CHUNK: Final = 128  # rows between two releases of the GIL by the writer (the loop waits else)
 _TAIL: Final = 2048  # bytes of an answer's end kept to find its `usage`
 
 COLUMNS: Final = ("id", "at", "model", "asked", "key", "endpoint", "status", "stream",
@@ -47,9 +48,14 @@ CREATE TABLE IF NOT EXISTS activity (
     tokens_in INTEGER,
     tokens_out INTEGER
 );
-CREATE INDEX IF NOT EXISTS activity_model ON activity (model, id);
-CREATE INDEX IF NOT EXISTS activity_key ON activity (key, id);
 """
+
+
+# Inside the last `"usage":{...}`: OpenAI's (prompt/completion) or Anthropic's (input/output)
+# counts. A regex, not a JSON parse: the writer shares the GIL with the event loop.
+_USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*(\{(?:[^{}]|\{[^{}]*\})*\})')  # one nested level
+_TOKENS_IN = re.compile(rb'"(?:prompt|input)_tokens"\s*:\s*(\d+)')
+_TOKENS_OUT = re.compile(rb'"(?:completion|output)_tokens"\s*:\s*(\d+)')
 
 
 def usage_of(tail: bytes) -> tuple[int | None, int | None]:
@@ -57,21 +63,12 @@ def usage_of(tail: bytes) -> tuple[int | None, int | None]:
     at = tail.rfind(b'"usage"')
     if at < 0:
         return None, None
-    start = tail.find(b"{", at)
-    if start < 0:
+    m = _USAGE_OBJECT.match(tail, at)
+    if m is None:
         return None, None
-    try:
-        usage, _ = json.JSONDecoder().raw_decode(tail[start:].decode("utf-8", "replace"))
-    except ValueError:
-        return None, None
-    if not isinstance(usage, dict):
-        return None, None
-    return _count(usage.get("prompt_tokens", usage.get("input_tokens"))), \
-        _count(usage.get("completion_tokens", usage.get("output_tokens")))
-
-
-def _count(value: object) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+    usage = m.group(1)
+    tin, tout = _TOKENS_IN.search(usage), _TOKENS_OUT.search(usage)
+    return (int(tin.group(1)) if tin else None), (int(tout.group(1)) if tout else None)
 
 
 def _row(f: Finished) -> tuple[Any, ...]:
@@ -201,11 +198,16 @@ class ActivityLog:
         batch = self._take()
         if not batch:
             return
-        rows = [_row(f) for f in batch]
+        rows = []
         with db:
-            db.executemany(
-                "INSERT INTO activity (at, model, asked, key, endpoint, status, stream, ttft, "
-                "duration, tokens_in, tokens_out) VALUES (?,?,?,?,?,?,?,?,?,?,?)", rows)
+            for i in range(0, len(batch), _CHUNK):
+                chunk = [_row(f) for f in batch[i:i + _CHUNK]]
+                db.executemany(
+                    "INSERT INTO activity (at, model, asked, key, endpoint, status, stream, "
+                    "ttft, duration, tokens_in, tokens_out) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                    chunk)
+                rows += chunk
+                time.sleep(0)  # let the event loop have the GIL between chunks
             # ids only ever grow and only the oldest go, so the newest `cap` rows are the
             # ones above max(id) - cap.
             db.execute("DELETE FROM activity WHERE id <= (SELECT max(id) FROM activity) - ?",

@@ -143,3 +143,6 @@ def test_usage_from_answers_tails() -> None:
     assert usage_of(b'..."usage":{"prompt_tok') == (None, None)  # cut off
     assert usage_of(b'{"data":[1,2]}') == (None, None)
     assert usage_of(b'{"usage":{"prompt_tokens":true}}') == (None, None)
+    assert usage_of(b'"usage":{"prompt_tokens":9,"prompt_tokens_details":{"cached_tokens":4},'
+                    b'"completion_tokens":2}}') == (9, 2)
+    assert usage_of(b'"usage":{"cache_read_input_tokens":8,"output_tokens":3}') == (None, 3)
