@@ -493,9 +493,10 @@ def build_parser() -> argparse.ArgumentParser:
     _local_verbs(sub)
     _daemon_verbs(sub)
     # Verbs that live in their own modules register themselves; a broken one fails loudly.
-    from gpud import bench, cli_extra
+    from gpud import bench, cli_activity, cli_extra
 
     cli_extra.register(sub)
+    cli_activity.register(sub)
     bench.register(sub)
     return p
 

@@ -7,6 +7,9 @@ on in its next pass.
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import secrets
 import time
 from collections.abc import Callable, Sequence
 from datetime import datetime
@@ -21,12 +24,16 @@ if TYPE_CHECKING:
     from gpud.daemon import Daemon
 
 
+PLAYGROUND_KEY = "admin-playground"  # the key name the playground's requests are logged under
+
+
 class DaemonControl:
     """Reads of the daemon's published state, and messages to its loop."""
 
     def __init__(self, daemon: Daemon) -> None:
         self._d = daemon
         self._r = daemon.reconciler
+        self._play_secret: str | None = None
 
     @property
     def events(self) -> EventBus:
@@ -122,6 +129,32 @@ class DaemonControl:
         proxy = self._d.proxy
         if proxy is not None and getattr(proxy, "observer", None) is None:
             proxy.observer = observer
+
+    async def activity(self, *, model: str | None, key: str | None,
+                       limit: int) -> dict[str, Any]:
+        log = self._d.activity
+        rows = await asyncio.to_thread(log.query, model=model, key=key, limit=limit)
+        return {"rows": rows, "cap": log.cap, "dropped": log.dropped}
+
+    def activity_totals(self) -> dict[str, dict[str, int]]:
+        return self._d.activity.totals()
+
+    def playground_key(self) -> str | None:
+        """A key for the page's playground, for admins' pages, when the proxy wants keys:
+        made once per daemon and added back to the proxy's keys after a reload replaced them
+        (the page asks again on a 401). Never logged, never in the config."""
+        from gpud.proxy.auth import ApiKey, KeyRing
+
+        proxy = self._d.proxy
+        if proxy is None or not proxy.keys.enabled:
+            return None
+        if self._play_secret is None:
+            self._play_secret = secrets.token_urlsafe(32)
+        ring = proxy.keys
+        if not any(k.name == PLAYGROUND_KEY for k in ring):
+            digest = hashlib.sha256(self._play_secret.encode()).digest()
+            proxy.set_keys(KeyRing([*ring, ApiKey(PLAYGROUND_KEY, digest)]))
+        return self._play_secret
 
     # --- messages to the loop -----------------------------------------------------------
 

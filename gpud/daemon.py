@@ -22,6 +22,7 @@ from typing import Any
 from aiohttp import web
 
 from gpud import __version__, dirlock, lastgood
+from gpud.activity import ActivityLog
 from gpud.config import (
     EMBEDDED_DEFAULT,
     ConfigError,
@@ -96,6 +97,7 @@ class Daemon:
         self._bg: dict[str, asyncio.Task[None]] = {}
         self._status_line = ""
         self.proxy: Any = None
+        self.activity = ActivityLog(self.state_dir / "activity.sqlite3", cfg.daemon.activity_rows)
         self.kv = KVLink(self.reconciler, self.runtime_dir)
         self.control = DaemonControl(self)  # what the page, the API and /metrics see
         self.timer = BoundaryTimer(self.reconciler, lambda: self.clock_offset)
@@ -216,6 +218,7 @@ class Daemon:
         if self.guard is not None:
             self.guard.configure(Limits.of(new.config.daemon))
         self.admin_token = self._read_admin_token()
+        self.activity.cap = new.config.daemon.activity_rows
         if self.proxy is not None:
             self.proxy.set_keys(self._keyring())
         await asyncio.to_thread(self.save_last_good)
@@ -339,7 +342,8 @@ class Daemon:
 
         guards.install(app, self.control)
         # No disconnect sweep: the runner's handler_cancellation (below) does that.
-        self.proxy = Proxy(self.reconciler, keys=self._keyring(), disconnect_check=None)
+        self.proxy = Proxy(self.reconciler, keys=self._keyring(), disconnect_check=None,
+                           activity=self.activity)
         self.proxy.install(app)
         metrics.install(app, self.control)
         hooks = DaemonTestHooks(self) if os.environ.get("GPUD_TEST_HOOKS") == "1" else None
@@ -358,6 +362,7 @@ class Daemon:
         # The watcher comes first: from the moment /healthz answers, every edit is seen.
         self._bg = {"watch": asyncio.create_task(self._watch(), name="watch")}
         stack.push_async_callback(self._cancel_background)
+        stack.push_async_callback(asyncio.to_thread, self.activity.start())
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._watching.wait(), 5.0)
         # handler_cancellation: a client that goes away cancels its handler (and the engine

@@ -38,6 +38,8 @@ FAMILIES = {
     "gpud_kv_pages": "gauge",
     "gpud_kv_pool_pages": "gauge",
     "gpud_kv_page_bytes": "gauge",
+    "gpud_key_requests": "counter",
+    "gpud_key_tokens": "counter",
 }
 
 

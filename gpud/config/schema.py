@@ -62,6 +62,8 @@ class DaemonConfig(Strict):
     # Each engine's log: at most engine_log_files files (MODEL.log, .1, ...) of this size.
     engine_log_size: Annotated[Size, Field(ge=4096, le=1024**4)] = 64 * 1024**2
     engine_log_files: int = Field(default=4, ge=1, le=100)
+    # The activity log (state_dir/activity.sqlite3) keeps the newest this many requests.
+    activity_rows: int = Field(default=100_000, ge=10, le=10_000_000)
     # The listener's defences (gpud.listener): a request head must arrive within
     # header_timeout of the connection (or of its first byte after a keep-alive wait), an
     # idle keep-alive connection is closed after idle_timeout, and at max_connections the

@@ -137,3 +137,32 @@ class ProxyObserver(Protocol):
         client, None otherwise.
         """
         ...
+
+
+@dataclass(frozen=True, slots=True)
+class RequestFinished:
+    """One request as the proxy saw it end, for the activity log (`ActivitySink`).
+
+    `at` is time.time() at arrival; `asked` the alias the client named (None: the model's own
+    name); `key` the API key's name (None without auth), never its secret; `stream` whether
+    the answer was SSE; `tail` the last bytes of the answer, where an OpenAI-style `usage`
+    object sits (b"" when none was kept). No prompt or completion text is handed over.
+    """
+
+    at: float
+    endpoint: str
+    model: str
+    asked: str | None
+    key: str | None
+    status: int
+    stream: bool
+    duration: float
+    ttft: float | None
+    tail: bytes = b""
+
+
+class ActivitySink(Protocol):
+    """Optional per-request record (gpud.activity.ActivityLog). Called on the event loop for
+    every request: append and return, never any I/O."""
+
+    def request_done(self, finished: RequestFinished) -> None: ...

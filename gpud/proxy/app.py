@@ -24,14 +24,14 @@ from typing import Any, Final
 
 from aiohttp import web
 
-from .api import Backend, ModelRoute, ModelUnavailable, ProxyObserver
+from .api import ActivitySink, Backend, ModelRoute, ModelUnavailable, ProxyObserver, RequestFinished
 from .auth import ApiKey, KeyRing
 from .errors import Reject, error_response, timed_out, unreachable
 from .forms import StreamedBody, form_route
 from .keepalive import HeldStream, end_in_band, keep_alive, wants_stream
 from .limits import ModelGate, QueueFull
 from .paths import FORM_PATHS, INFERENCE_PATHS, unknown_path
-from .relay import ALIAS, MARKS, ModelRename, drop, mark, relay
+from .relay import ALIAS, MARKS, SSE, TAIL, ModelRename, drop, mark, relay
 from .routing import rename_request, request_headers, route_for
 from .upstream import UpstreamClient, UpstreamError, UpstreamResponse
 
@@ -60,8 +60,10 @@ class Proxy:
         keys: KeyRing | None = None,
         observer: ProxyObserver | None = None,
         disconnect_check: float | None = 1.0,
+        activity: ActivitySink | None = None,
     ) -> None:
         self.backend = backend
+        self.activity = activity
         self.disconnect_check = disconnect_check
         self._active: dict[asyncio.Task[Any], web.Request] = {}
         self._sweeper: asyncio.Task[None] | None = None
@@ -216,6 +218,8 @@ class Proxy:
         t0 = time.perf_counter()
         observer = self.observer
         model = ""
+        key: ApiKey | web.Response | None = None
+        asked: str | None = None
         task = asyncio.current_task() if self.disconnect_check else None
         if task is not None:
             self._active[task] = request
@@ -249,6 +253,7 @@ class Proxy:
             if observer is not None:  # 499: the client closed the request (nginx's code)
                 observer.request_done(model, path, 499, time.perf_counter() - t0, None)
             self._record(marks, 499)
+            self._done(request, None, path, model, key, asked, 499, t0, None)
             raise
         finally:
             if task is not None:
@@ -256,7 +261,28 @@ class Proxy:
         self._record(marks, resp.status)
         if observer is not None:
             observer.request_done(model, path, resp.status, time.perf_counter() - t0, ttft)
+        self._done(request, resp, path, model, key, asked, resp.status, t0, ttft)
         return resp
+
+    def _done(
+        self, request: web.Request, resp: web.StreamResponse | None, path: str, model: str,
+        key: ApiKey | web.Response | None, asked: str | None, status: int, t0: float,
+        ttft: float | None,
+    ) -> None:
+        """Hand the finished request to the activity log, if there is one (no I/O here)."""
+        sink = self.activity
+        if sink is None:
+            return
+        duration = time.perf_counter() - t0
+        stream = resp is not None and resp.content_type == SSE
+        if isinstance(resp, web.Response):
+            body = resp.body
+            tail = body[-2048:] if isinstance(body, bytes) else b""
+        else:
+            tail = request.get(TAIL, b"")
+        sink.request_done(RequestFinished(
+            time.time() - duration, path, model, asked,
+            key.name if isinstance(key, ApiKey) else None, status, stream, duration, ttft, tail))
 
     def _record(self, marks: dict[str, Any] | None, status: int) -> None:
         if marks is not None and self.timings is not None:

@@ -28,6 +28,8 @@ RELAY_RESPONSE_HEADERS: Final = (
 SSE: Final = "text/event-stream"
 
 MARKS = web.RequestKey("gpud_timing_marks", dict)
+# The last two chunks of a streamed answer (its `usage`, if sent), for the activity log.
+TAIL = web.RequestKey("gpud_stream_tail", bytes)
 
 
 def mark(request: web.Request, name: str) -> None:
@@ -163,8 +165,10 @@ async def stream(
         resp = _StreamResponse(status=upstream.status, headers=headers)
         await resp.prepare(request)
     ttft: float | None = None
+    prev = last = b""
     try:
         while chunk := await upstream.readany():
+            prev, last = last, chunk
             if rename is not None and not (chunk := rename.chunk(chunk)):
                 continue  # no whole line yet
             if ttft is None:
@@ -178,6 +182,7 @@ async def stream(
                 await resp.write(chunk)  # waits for the client to drain: backpressure
         if rename is not None and (chunk := rename.rest()):
             await resp.write(chunk)
+        request[TAIL] = prev[-2048:] + last[-2048:]
     except UpstreamError as e:
         await _broken_in_band(resp, route, e)
     except ConnectionResetError:

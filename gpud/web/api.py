@@ -22,6 +22,7 @@ from gpud.web.control import Control, TestHooks
 
 CONTROL_KEY: web.AppKey[Control] = web.AppKey("control")
 HOOKS_KEY: web.AppKey[TestHooks] = web.AppKey("test_hooks")
+ACTIVITY_MAX = 10_000  # rows one read may return (gpud.activity.MAX_LIMIT)
 VERBS = {"sleep": "asleep", "wake": "awake", "load": "awake", "unload": "unloaded"}
 
 
@@ -138,6 +139,24 @@ async def model_logs(request: web.Request) -> web.Response:
         return error(404, f"no model {name!r}", "model_not_found")
     tail = d.log_tail(name, lines)
     return web.json_response({"model": name, "lines": tail})
+
+
+async def activity(request: web.Request) -> web.Response:
+    """The newest rows of the activity log, newest first; `?model=`, `?key=`, `?limit=`.
+    Admins only: rows name API keys (never their secrets)."""
+    if not _is_admin(request):
+        return error(403, "the activity log names API keys: read it from loopback or with the "
+                     "admin token", "forbidden")
+    q = request.query
+    try:
+        limit = int(q.get("limit", "100"))
+    except ValueError:
+        return error(400, f"limit must be an integer, not {q.get('limit')!r}")
+    if not 0 < limit <= ACTIVITY_MAX:
+        return error(400, f"limit must be between 1 and {ACTIVITY_MAX}, not {limit}")
+    data = await _control(request).activity(model=q.get("model"), key=q.get("key"),
+                                            limit=limit)
+    return web.json_response(data)
 
 
 async def model_action(request: web.Request) -> web.Response:
@@ -310,6 +329,7 @@ def install(app: web.Application, control: Control, *, hooks: TestHooks | None =
     r.add_get("/api/v1/config", config_get)
     r.add_post("/api/v1/reload", reload)
     r.add_get("/api/v1/events", events)
+    r.add_get("/api/v1/activity", activity)
     if hooks is not None:
         app[HOOKS_KEY] = hooks
         r.add_post("/api/v1/debug/stall", debug_stall)

@@ -54,6 +54,14 @@ class Control(Protocol):
         """Run `hook` after every loop pass; returns the function that removes it."""
     def observe_requests(self, observer: Any) -> None:
         """Hand the proxy a request observer (the metrics' histograms) if it has none."""
+    async def activity(self, *, model: str | None, key: str | None,
+                       limit: int) -> dict[str, Any]:
+        """The newest rows of the activity log (newest first), `cap` and `dropped`; read in a
+        worker thread, so it may be awaited on the loop."""
+    def activity_totals(self) -> dict[str, dict[str, int]]:
+        """Requests and tokens per API key name since start-up ("" without auth)."""
+    def playground_key(self) -> str | None:
+        """The key the page's playground sends (admins only), or None when inference is open."""
 
     # --- messages to the loop -----------------------------------------------------------
     def set_override(self, model: str, state: str | None, until: datetime | None, reason: str,

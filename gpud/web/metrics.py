@@ -219,6 +219,36 @@ class ConnectionCollector(Collector):
         return families
 
 
+class KeyCollector(Collector):
+    """Requests and tokens per API key name since start-up, from the activity log's writer
+    (so up to its flush interval behind). Key "" is requests without auth."""
+
+    def __init__(self, control: Control) -> None:
+        self.control = control
+
+    def describe(self) -> Iterable[Metric]:
+        return list(self._families())
+
+    @staticmethod
+    def _families() -> tuple[CounterMetricFamily, CounterMetricFamily]:
+        return (
+            CounterMetricFamily("gpud_key_requests", "Requests through the proxy by API key "
+                                "name (\"\": no auth), as the activity log recorded them.",
+                                labels=["key"]),
+            CounterMetricFamily("gpud_key_tokens", "Tokens by API key name and direction "
+                                "(in: prompt, out: completion), from the answers' usage.",
+                                labels=["key", "direction"]),
+        )
+
+    def collect(self) -> Iterable[Metric]:
+        requests, tokens = families = self._families()
+        for key, t in sorted(self.control.activity_totals().items()):
+            requests.add_metric([key], float(t["requests"]))
+            tokens.add_metric([key, "in"], float(t["tokens_in"]))
+            tokens.add_metric([key, "out"], float(t["tokens_out"]))
+        return families
+
+
 class GpudMetrics:
     """gpud's registry: the scrape-time collector plus the histograms fed as things happen."""
 
@@ -240,6 +270,7 @@ class GpudMetrics:
         self.state = StateCollector(control)
         self.registry.register(self.state)
         self.registry.register(ConnectionCollector(control))
+        self.registry.register(KeyCollector(control))
         self._task: asyncio.Task[None] | None = None
         self._queue: asyncio.Queue[dict[str, Any]] | None = None
 

@@ -28,6 +28,7 @@ from gpud.memory import model_bytes
 from gpud.schedule import Schedule
 from gpud.states import TRANSITIONAL, State, ordered
 from gpud.web.control import Control
+from gpud.web.page_activity import render_activity, render_playground
 
 HERE = Path(__file__).resolve().parent
 STATIC = HERE / "static"
@@ -470,6 +471,8 @@ class Page:
             events=render_events(events, d.now().tzinfo),
             tz=esc(_zone_name(d)),
             logs=render_logs(d, status, selected),
+            activity=await render_activity(d, admin, d.now().tzinfo),
+            playground=render_playground(status, d.playground_key() if admin else None),
         )
         return web.Response(text=body, content_type="text/html", charset="utf-8",
                             headers={"Cache-Control": "no-cache",
