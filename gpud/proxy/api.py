@@ -12,6 +12,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from .rules import RequestRules
+
 
 @dataclass(frozen=True, slots=True)
 class ModelRoute:
@@ -30,6 +32,8 @@ class ModelRoute:
     request_timeout: float = 300.0  # seconds a request may wait for a wake or a slot
     load_on_demand: bool = False
     state: str = "awake"
+    rules: RequestRules | None = None  # None: every body is relayed as it came
+    prefix_routing: bool = False  # replicas: a conversation goes back where its start went
 
 
 class ModelUnavailable(Exception):
@@ -62,10 +66,12 @@ class Backend(Protocol):
         """
         ...
 
-    def serving_upstream(self, model: str) -> str | None:
+    def serving_upstream(self, model: str, affinity: str | None = None) -> str | None:
         """Base URL of an engine that serves `model` this moment, or None (asleep,
         loading, failed: the proxy then awaits `ready_upstream`). The per-request fast
-        path: a returned URL counts as one `ready_upstream` returned (released once)."""
+        path: a returned URL counts as one `ready_upstream` returned (released once).
+        `affinity` (passed only for a route with `prefix_routing`): the request's
+        conversation (gpud.proxy.affinity), to send it back to the replica it went to."""
         ...
 
     async def ready_upstream(self, model: str) -> str:

@@ -24,6 +24,7 @@ from typing import Any, Final
 
 from aiohttp import web
 
+from .affinity import conversation_key
 from .api import Backend, ModelRoute, ModelUnavailable, ProxyObserver
 from .auth import ApiKey, KeyRing
 from .errors import Reject, error_response, timed_out, unreachable
@@ -226,6 +227,8 @@ class Proxy:
             body = await request.read()
             route, asked = route_for(self.backend.routes(), self.resolve, body, path, key)
             model = route.name
+            if route.rules is not None:  # a model without rules never parses twice
+                body = route.rules.apply(body, path) or body
             if asked is not None:
                 body = rename_request(body, route.name)
                 request[ALIAS] = ModelRename(route.name, asked)
@@ -297,7 +300,7 @@ class Proxy:
     ) -> tuple[web.StreamResponse, float | None]:
         headers = request_headers(request)
         sent: asyncio.Future[UpstreamResponse] | None = None
-        base = self.backend.serving_upstream(route.name)
+        base = self._serving_upstream(route, body)
         if base is None:  # asleep, loading, failed: wait (no timer, no task when awake)
             got = await self._ready(request, path, body, headers, route, t0)
             if isinstance(got, web.Response):
@@ -309,6 +312,13 @@ class Proxy:
             return await self._send(request, base, path, body, headers, route, t0, sent)
         finally:
             self.backend.upstream_released(route.name, base)
+
+    def _serving_upstream(self, route: ModelRoute, body: bytes) -> str | None:
+        """The backend's fast path; a conversation's key only for prefix routing (the one
+        case that reads the body again)."""
+        if not route.prefix_routing:
+            return self.backend.serving_upstream(route.name)
+        return self.backend.serving_upstream(route.name, affinity=conversation_key(body))
 
     async def _ready(
         self, request: web.Request, path: str, body: bytes, headers: bytes, route: ModelRoute,
