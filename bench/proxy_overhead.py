@@ -177,7 +177,7 @@ def _run_proxy(conn: Any, loop_kind: str, upstream: str, model: str = MODEL) -> 
         def routes(self) -> Mapping[str, ModelRoute]:
             return self._routes
 
-        def serving_upstream(self, model: str) -> str | None:
+        def serving_upstream(self, model: str, affinity: str | None = None) -> str | None:
             return upstream
 
         async def ready_upstream(self, model: str) -> str:

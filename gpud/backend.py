@@ -10,6 +10,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+from gpud.config.rules import RulesConfig
 from gpud.desired import (
     Override,
 )
@@ -23,9 +24,18 @@ from gpud.instance import (
 )
 from gpud.plan import Action, Plan
 from gpud.proxy.api import ModelRoute, ModelUnavailable
+from gpud.proxy.rules import RequestRules
 from gpud.states import RUNNING, State
 
 log = logging.getLogger("gpud.reconcile")
+
+
+def request_rules(cfg: RulesConfig | None) -> RequestRules | None:
+    """The proxy's form of a model's rules; None when it has none (the untouched path)."""
+    if cfg is None or not (cfg.default or cfg.force or cfg.strip or cfg.cap):
+        return None
+    return RequestRules(default=dict(cfg.default), force=dict(cfg.force),
+                        strip=tuple(cfg.strip), cap=dict(cfg.cap))
 
 
 class ProxyBackend(LoopState):
@@ -42,6 +52,7 @@ class ProxyBackend(LoopState):
                     load_on_demand=m.load_on_demand,
                     stream_keepalive=m.stream_keepalive.total_seconds(),
                     state=self.instances[name].state if name in self.instances else State.UNLOADED,
+                    rules=request_rules(m.rules), prefix_routing=m.routing == "prefix",
                 )
                 for name, m in self.config.models.items()
             }
@@ -56,9 +67,9 @@ class ProxyBackend(LoopState):
                 if i.model == model and i.port and (
                     (i.state == State.AWAKE and i.awake.is_set()) or i.state == State.MOVING)]
 
-    def serving_upstream(self, model: str) -> str | None:
+    def serving_upstream(self, model: str, affinity: str | None = None) -> str | None:
         ready = self._serving(model)
-        return self._pick(model, ready) if ready else None
+        return self._pick(model, ready, affinity) if ready else None
 
     async def ready_upstream(self, model: str) -> str:
         base = self.serving_upstream(model)
@@ -70,15 +81,19 @@ class ProxyBackend(LoopState):
             raise ModelUnavailable(f"model {model!r} is not ready", retry_after=5)
         return self._pick(model, ready)
 
-    def _pick(self, model: str, ready: list[Instance]) -> str:
+    def _pick(self, model: str, ready: list[Instance], affinity: str | None = None) -> str:
         # Least outstanding requests across replicas; ties take turns (round robin), so
-        # requests that come one at a time still spread over every replica.
+        # requests that come one at a time still spread over every replica. A conversation
+        # under prefix routing goes back where it went before, within the model's margin.
         out = self.outstanding
         turn = self._turns[model] = self._turns.get(model, 0) + 1
         n = len(ready)
         best = min(ready, key=lambda i: (out.get(i.base_url or "", 0),
                                          (i.replica - turn) % n if n > 1 else 0))
         url = best.base_url or ""
+        if affinity is not None and n > 1 and (m := self.config.models.get(model)) is not None:
+            url = self.affinity.choose(model, affinity, [i.base_url or "" for i in ready], url,
+                                       lambda u: out.get(u, 0), m.routing_margin)
         out[url] = out.get(url, 0) + 1
         return url
 

@@ -85,6 +85,10 @@ def flags_text(m: dict[str, Any]) -> str:
         sleep_in = m.get("idle_sleep_in")
         out.append(f"idle-sleep {seconds(after)}"
                    + (f" (in {seconds(sleep_in)})" if sleep_in is not None else ""))
+    if m.get("rules"):
+        out.append(f"{len(m['rules'])} rule{'s' if len(m['rules']) > 1 else ''}")
+    if m.get("routing") == "prefix":
+        out.append("prefix-routing")
     return ", ".join(out) or "-"
 
 

@@ -39,6 +39,7 @@ from gpud.events import EventBus
 from gpud.fit import FitResult, Footprint, GpuMemory
 from gpud.footprints import FootprintStore
 from gpud.plan import Action, ObservedModel, Plan
+from gpud.proxy.affinity import AffinityTable
 from gpud.proxy.api import ModelRoute
 from gpud.proxy.singleflight import SingleFlight
 from gpud.states import IllegalTransition, State, legal
@@ -166,6 +167,7 @@ class LoopState:
     _routes: dict[str, ModelRoute]
     outstanding: dict[str, int]
     _turns: dict[str, int]
+    affinity: AffinityTable
     _drained: dict[str, asyncio.Event]
     _routes_key: object
 

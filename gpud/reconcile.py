@@ -49,6 +49,7 @@ from gpud.footprints import FootprintStore
 from gpud.instance import DURING, Instance, ModelTraffic, fresh_start
 from gpud.observe import Observation
 from gpud.plan import Action, ObservedModel, Plan
+from gpud.proxy.affinity import AffinityTable
 from gpud.proxy.api import ModelRoute
 from gpud.proxy.singleflight import SingleFlight
 from gpud.schedule import Boundary, Schedule, schedule_of
@@ -100,6 +101,7 @@ class Reconciler(EngineOps, Observation, ProxyBackend, Views):
         self._routes: dict[str, ModelRoute] = {}
         self.outstanding: dict[str, int] = {}
         self._turns: dict[str, int] = {}
+        self.affinity = AffinityTable()  # prefix routing: where conversations went
         self._drained: dict[str, asyncio.Event] = {}
         self._routes_key: object = None
         self.schedule: Schedule | None = None

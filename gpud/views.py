@@ -187,11 +187,14 @@ def _behaviour(m: Any, d: DesiredModel | None, state: State, idle: float
     is it kept awake, its priority, and when it sleeps for lack of requests."""
     if m is None:
         return {"load_on_demand": False, "pinned": False, "priority": 0,
-                "idle_sleep_after": None, "idle_sleep_in": None}
+                "idle_sleep_after": None, "idle_sleep_in": None, "rules": [],
+                "routing": "least-outstanding"}
     after = m.idle_sleep_after.total_seconds() if m.idle_sleep_after else None
     sleep_in = None
     if after is not None and state == State.AWAKE and (d is None or d.layer != "override"):
         sleep_in = round(max(0.0, after - idle), 1)
     return {"load_on_demand": m.load_on_demand, "pinned": m.pinned,
             "priority": d.priority if d is not None else m.priority,
-            "idle_sleep_after": after, "idle_sleep_in": sleep_in}
+            "idle_sleep_after": after, "idle_sleep_in": sleep_in,
+            "rules": m.rules.describe() if m.rules is not None else [],
+            "routing": m.routing}

@@ -14,6 +14,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from gpud.config.rules import RulesConfig
 from gpud.config.units import Duration, Size, between
 from gpud.states import DesiredState
 
@@ -202,6 +203,13 @@ class ModelConfig(Strict):
     env: dict[str, Text] = Field(default_factory=dict, max_length=MAX_ENTRIES)
     port: int | None = Field(default=None, ge=1024, lt=65536)
     drain_timeout: Short = timedelta(seconds=60)
+    # Request rules (gpud.config.rules): defaults, forced values, removed keys, caps.
+    rules: RulesConfig | None = None
+    # Replica choice: least outstanding requests, or "prefix": a conversation goes back to
+    # the replica that served its start (its prefix cache) unless that replica has more
+    # than routing_margin requests outstanding beyond the least loaded one.
+    routing: Literal["least-outstanding", "prefix"] = "least-outstanding"
+    routing_margin: int = Field(default=4, ge=0, le=100_000)
 
     @model_validator(mode="after")
     def _kv(self) -> ModelConfig:

@@ -12,6 +12,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from .rules import RequestRules
+
 
 @dataclass(frozen=True, slots=True)
 class ModelRoute:
@@ -33,6 +35,8 @@ class ModelRoute:
     # seconds between SSE keep-alive comments to a streamed request held by a load or a
     # wake (gpud.proxy.keepalive); 0: none
     stream_keepalive: float = 5.0
+    rules: RequestRules | None = None  # None: every body is relayed as it came
+    prefix_routing: bool = False  # replicas: a conversation goes back where its start went
 
 
 class ModelUnavailable(Exception):
@@ -65,10 +69,12 @@ class Backend(Protocol):
         """
         ...
 
-    def serving_upstream(self, model: str) -> str | None:
+    def serving_upstream(self, model: str, affinity: str | None = None) -> str | None:
         """Base URL of an engine that serves `model` this moment, or None (asleep,
         loading, failed: the proxy then awaits `ready_upstream`). The per-request fast
-        path: a returned URL counts as one `ready_upstream` returned (released once)."""
+        path: a returned URL counts as one `ready_upstream` returned (released once).
+        `affinity` (passed only for a route with `prefix_routing`): the request's
+        conversation (gpud.proxy.affinity), to send it back to the replica it went to."""
         ...
 
     async def ready_upstream(self, model: str) -> str:

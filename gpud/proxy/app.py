@@ -24,6 +24,7 @@ from typing import Any, Final
 
 from aiohttp import web
 
+from .affinity import conversation_key
 from .api import ActivitySink, Backend, ModelRoute, ModelUnavailable, ProxyObserver, RequestFinished
 from .auth import ApiKey, KeyRing
 from .errors import Reject, error_response, timed_out, unreachable
@@ -241,6 +242,9 @@ class Proxy:
                 if asked is not None:
                     body = rename_request(body, route.name)
             model = route.name
+            if route.rules is not None and isinstance(body, bytes):
+                # a model without rules never parses twice; a form is relayed as it came
+                body = route.rules.apply(body, path) or body
             if asked is not None:
                 request[ALIAS] = ModelRename(route.name, asked)
             if marks is not None:
@@ -334,7 +338,7 @@ class Proxy:
         headers = request_headers(request)
         sent: asyncio.Future[UpstreamResponse] | None = None
         opened: HeldStream | None = None
-        base = self.backend.serving_upstream(route.name)
+        base = self._serving_upstream(route, body)
         if base is None:  # asleep, loading, failed: wait (no timer, no task when awake)
             got, opened = await self._held(request, path, body, headers, route, t0)
             if isinstance(got, web.Response):
@@ -362,6 +366,13 @@ class Proxy:
         stream = isinstance(body, bytes) and wants_stream(body)
         return await keep_alive(request, self._ready(request, path, body, headers, route, t0),
                                 route, stream)
+
+    def _serving_upstream(self, route: ModelRoute, body: Body) -> str | None:
+        """The backend's fast path; a conversation's key only for prefix routing (the one
+        case that reads the body again; a form has no conversation)."""
+        if not route.prefix_routing or not isinstance(body, bytes):
+            return self.backend.serving_upstream(route.name)
+        return self.backend.serving_upstream(route.name, affinity=conversation_key(body))
 
     async def _ready(
         self, request: web.Request, path: str, body: Body, headers: bytes, route: ModelRoute,

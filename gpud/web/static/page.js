@@ -137,13 +137,16 @@
   function modelRow(key, m, colour, mem) {
     const state = m.state || "unloaded";
     const where = m.gpu === null || m.gpu === undefined ? "cpu" : `gpu ${m.gpu}`;
-    const sub = [where, m.port ? `port ${m.port}` : "", m.restarts ? `${m.restarts} restarts` : ""]
+    const rules = m.rules || [];
+    const sub = [where, m.port ? `port ${m.port}` : "", m.restarts ? `${m.restarts} restarts` : "",
+      rules.length ? `${rules.length} request rule${rules.length > 1 ? "s" : ""}` : "",
+      m.routing === "prefix" ? "prefix routing" : ""]
       .filter(Boolean).join(" · ");
     const showError = m.last_error && !(m.reason || "").includes(m.last_error);
     const cell = (label, cls, title, ...inner) =>
       el("td", { "data-label": label, class: cls, title }, el("div", { class: "v" }, ...inner));
     const cells = [
-      cell("Model", "name", null, el("span", { class: "dot", style: `background:${colour}` }),
+      cell("Model", "name", rules.length ? rules.join("\n") : null, el("span", { class: "dot", style: `background:${colour}` }),
         el("strong", {}, key), el("div", { class: "sub" }, sub)),
       cell("State", "st", null, statePill(state),
         m.desired && m.desired !== state ? [" ", el("span", { class: "goal", title: "desired state" }, `→ ${m.desired}`)] : null,
