@@ -385,7 +385,7 @@ class Daemon:
             loop.add_signal_handler(sig, self.request_stop)
         loop.add_signal_handler(
             signal.SIGHUP, lambda: loop.create_task(self.reload(source="SIGHUP")))
-        stack.callback(self._remove_signal_handlers)
+        stack.callback(_remove_signal_handlers)
         await self.kv.start(cfg)
         adopted = await self.reconciler.adopt_engines()
         if adopted:
@@ -433,11 +433,6 @@ class Daemon:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-
-    def _remove_signal_handlers(self) -> None:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            loop.remove_signal_handler(sig)
 
     async def _measure_memory(self) -> None:
         """NVML every tick, off the loop: feeds fit checks, footprints and status."""
@@ -510,6 +505,12 @@ def load_initial(path: Path | None) -> tuple[LoadedConfig, str | None]:
                     DEFAULT_PATH, EMBEDDED_DEFAULT)
     return loaded, None
 
+
+
+def _remove_signal_handlers() -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        loop.remove_signal_handler(sig)
 
 
 FULL_GC_EVERY = 300.0  # seconds between two full garbage collections (collect_garbage)

@@ -173,7 +173,7 @@ class Proxy:
     # -- handlers ------------------------------------------------------------
 
     async def handle_models(self, request: web.Request) -> web.Response:
-        key = self._authenticate(request)
+        key = authenticate(self.keys, request)
         if isinstance(key, web.Response):
             return key
         data = [
@@ -189,24 +189,6 @@ class Proxy:
             if key is None or key.allows(r.name)
         ]
         return web.json_response({"object": "list", "data": data})
-
-    def _authenticate(self, request: web.Request) -> ApiKey | web.Response | None:
-        if not self.keys.enabled:
-            return None
-        authorization = request.headers.get("Authorization")
-        if authorization is None and "x-api-key" in request.headers:
-            # Anthropic's clients send the key as `x-api-key` (its Messages API's header).
-            authorization = "Bearer " + request.headers["x-api-key"]
-        key = self.keys.authenticate(authorization)
-        if key is None:
-            return error_response(
-                401,
-                "Missing or invalid API key: send `Authorization: Bearer <key>` "
-                "(or `x-api-key: <key>`).",
-                "invalid_api_key",
-                type_="authentication_error",
-            )
-        return key
 
     def _make_handler(self, path: str) -> _Handler:
         async def handler(request: web.Request) -> web.StreamResponse:
@@ -229,22 +211,12 @@ class Proxy:
             marks = {"t0": t0, "at": time.time(), "path": path}
             request[MARKS] = marks
         try:
-            key = self._authenticate(request)
+            key = authenticate(self.keys, request)
             if isinstance(key, web.Response):
                 raise Reject(key)
-            body: Body
-            if path in FORM_PATHS:
-                body, route, asked = await form_route(request, self.backend.routes(),
-                                                      self.resolve, key, MAX_BODY)
-            else:
-                body = await request.read()
-                route, asked = route_for(self.backend.routes(), self.resolve, body, path, key)
-                if asked is not None:
-                    body = rename_request(body, route.name)
+            body, route, asked = await read_routed(request, path, self.backend.routes(),
+                                                   self.resolve, key)
             model = route.name
-            if route.rules is not None and isinstance(body, bytes):
-                # a model without rules never parses twice; a form is relayed as it came
-                body = route.rules.apply(body, path) or body
             if asked is not None:
                 request[ALIAS] = ModelRename(route.name, asked)
             if marks is not None:
@@ -257,7 +229,7 @@ class Proxy:
             if observer is not None:  # 499: the client closed the request (nginx's code)
                 observer.request_done(model, path, 499, time.perf_counter() - t0, None)
             self._record(marks, 499)
-            self._done(request, None, path, model, key, asked, 499, t0, None)
+            self._finished(request, None, path, model, key, asked, 499, t0, None)
             raise
         finally:
             if task is not None:
@@ -265,28 +237,14 @@ class Proxy:
         self._record(marks, resp.status)
         if observer is not None:
             observer.request_done(model, path, resp.status, time.perf_counter() - t0, ttft)
-        self._done(request, resp, path, model, key, asked, resp.status, t0, ttft)
+        self._finished(request, resp, path, model, key, asked, resp.status, t0, ttft)
         return resp
 
-    def _done(
-        self, request: web.Request, resp: web.StreamResponse | None, path: str, model: str,
-        key: ApiKey | web.Response | None, asked: str | None, status: int, t0: float,
-        ttft: float | None,
-    ) -> None:
+    def _finished(self, request: web.Request, resp: web.StreamResponse | None, *args: Any,
+                  ) -> None:
         """Hand the finished request to the activity log, if there is one (no I/O here)."""
-        sink = self.activity
-        if sink is None:
-            return
-        duration = time.perf_counter() - t0
-        stream = resp is not None and resp.content_type == SSE
-        if isinstance(resp, web.Response):
-            body = resp.body
-            tail = body[-2048:] if isinstance(body, bytes) else b""
-        else:
-            tail = request.get(TAIL, b"")
-        sink.request_done(RequestFinished(
-            time.time() - duration, path, model, asked,
-            key.name if isinstance(key, ApiKey) else None, status, stream, duration, ttft, tail))
+        if self.activity is not None:
+            self.activity.request_done(finished(request, resp, *args))
 
     def _record(self, marks: dict[str, Any] | None, status: int) -> None:
         if marks is not None and self.timings is not None:
@@ -479,6 +437,64 @@ class Proxy:
         mark(request, "upstream_head_ms")
         return await relay(request, upstream, route, t0, opened)
 
+
+
+def authenticate(keys: KeyRing, request: web.Request) -> ApiKey | web.Response | None:
+    """The request's API key; None when keys are off; a 401 answer when it has none good."""
+    if not keys.enabled:
+        return None
+    authorization = request.headers.get("Authorization")
+    if authorization is None and "x-api-key" in request.headers:
+        # Anthropic's clients send the key as `x-api-key` (its Messages API's header).
+        authorization = "Bearer " + request.headers["x-api-key"]
+    key = keys.authenticate(authorization)
+    if key is None:
+        return error_response(
+            401,
+            "Missing or invalid API key: send `Authorization: Bearer <key>` "
+            "(or `x-api-key: <key>`).",
+            "invalid_api_key",
+            type_="authentication_error",
+        )
+    return key
+
+
+async def read_routed(
+    request: web.Request, path: str, routes: Mapping[str, ModelRoute],
+    resolve: Callable[[str], ModelRoute | None], key: ApiKey | None,
+) -> tuple[Body, ModelRoute, str | None]:
+    """(the body to relay, its model's route, the alias asked or None): the body renamed
+    to the model for an alias, the model's request rules applied."""
+    body: Body
+    if path in FORM_PATHS:
+        body, route, asked = await form_route(request, routes, resolve, key, MAX_BODY)
+    else:
+        body = await request.read()
+        route, asked = route_for(routes, resolve, body, path, key)
+        if asked is not None:
+            body = rename_request(body, route.name)
+    if route.rules is not None and isinstance(body, bytes):
+        # a model without rules never parses twice; a form is relayed as it came
+        body = route.rules.apply(body, path) or body
+    return body, route, asked
+
+
+def finished(
+    request: web.Request, resp: web.StreamResponse | None, path: str, model: str,
+    key: ApiKey | web.Response | None, asked: str | None, status: int, t0: float,
+    ttft: float | None,
+) -> RequestFinished:
+    """What the activity log keeps of one request."""
+    duration = time.perf_counter() - t0
+    stream = resp is not None and resp.content_type == SSE
+    if isinstance(resp, web.Response):
+        body = resp.body
+        tail = body[-2048:] if isinstance(body, bytes) else b""
+    else:
+        tail = request.get(TAIL, b"")
+    return RequestFinished(
+        time.time() - duration, path, model, asked,
+        key.name if isinstance(key, ApiKey) else None, status, stream, duration, ttft, tail)
 
 def _bytes(resp: web.Response) -> bytes:
     body = resp.body
