@@ -1,17 +1,19 @@
 """What request rules (issue 19) cost the proxy, and that a model without rules pays nothing.
 
 In one run, against one upstream that answers at once (bench/proxy_overhead.py's), the same
-requests at 1 in flight, in interleaved batches, through three proxies of their own:
+requests at 1 in flight, one to each path in turn (direct, then each proxy), through three
+proxies of their own:
 
-  - base: the proxy of a commit before rules (`--base REV`, default: the merge base with
-    main, else HEAD~; extracted with `git archive` to a temporary directory);
+  - base: the proxy of a commit before rules (`--base REV`, default: the parent of the
+    commit that added gpud/proxy/rules.py; extracted with `git archive` to a temporary
+    directory);
   - no-rules: this checkout's proxy, the model without rules (the path every model without
     `[models.NAME.rules]` takes);
   - rules: this checkout's proxy, the model with a default, a force, a strip and a cap that
     all change the body (so it is parsed, changed and re-encoded).
 
 Goal: no-rules adds no latency over base (its p50 within 2% or 5 µs of base's). Prints a
-table; writes bench/results/rules_overhead.json. About a minute:
+table; writes bench/results/rules_overhead.json. A minute or two:
 
     .venv/bin/python bench/rules_overhead.py [--quick] [--base REV]
 """
@@ -23,9 +25,11 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -33,7 +37,14 @@ from typing import Any
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 sys.path.insert(0, str(BENCH))
-from proxy_overhead import _pct, _run_upstream, _start, _use_loop, latency_c1  # noqa: E402
+from proxy_overhead import (  # noqa: E402
+    _pct,
+    _read_response,
+    _request,
+    _run_upstream,
+    _start,
+    _use_loop,
+)
 
 RESULTS = BENCH / "results" / "rules_overhead.json"
 MODEL = "bench"  # proxy_overhead's upstream answers any completion
@@ -99,12 +110,41 @@ def _run_proxy(conn: Any, code: str, upstream: str, rules: bool) -> None:
     asyncio.run(main())
 
 
+def interleaved(ports: dict[str, int], n: int, warmup: int) -> dict[str, list[float]]:
+    """Latency at 1 in flight, one request to each path in turn (a burst of other work on
+    the shared machine hits every path alike), over one keep-alive connection each."""
+    socks = {}
+    for name, port in ports.items():
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        socks[name] = (sock, bytearray(), _request("/v1/completions", BODY, port))
+    times: dict[str, list[float]] = {name: [] for name in ports}
+    try:
+        for i in range(n + warmup):
+            for name, (sock, buf, req) in socks.items():
+                t = time.perf_counter()
+                sock.sendall(req)
+                if _read_response(sock, buf) != 200:
+                    raise SystemExit(f"{name}: not 200")
+                if i >= warmup:
+                    times[name].append(time.perf_counter() - t)
+    finally:
+        for sock, _buf, _req in socks.values():
+            sock.close()
+    return times
+
+
 def _base_rev(asked: str | None) -> str:
     if asked:
         return asked
-    done = subprocess.run(["git", "merge-base", "HEAD", "main"], cwd=REPO, capture_output=True,
-                          text=True)
-    return done.stdout.strip() if done.returncode == 0 and done.stdout.strip() else "HEAD~"
+    # the commit before the one that added the rules
+    done = subprocess.run(["git", "log", "--diff-filter=A", "--format=%H", "-1", "HEAD", "--",
+                           "gpud/proxy/rules.py"], cwd=REPO, capture_output=True, text=True)
+    added = done.stdout.strip()
+    if done.returncode != 0 or not added:
+        raise SystemExit("no commit adds gpud/proxy/rules.py: give --base REV")
+    return subprocess.run(["git", "rev-parse", added + "~"], cwd=REPO, capture_output=True,
+                          text=True, check=True).stdout.strip()
 
 
 def _extract(rev: str, into: Path) -> None:
@@ -126,7 +166,7 @@ def main() -> None:
     args = ap.parse_args()
     mp.set_start_method("fork")
     rev = _base_rev(args.base)
-    n, rounds = (1000, 4) if args.quick else (3000, 8)
+    n = 2000 if args.quick else 8000
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="gpud-base-") as tmp:
         _extract(rev, Path(tmp))
@@ -139,12 +179,9 @@ def main() -> None:
             "no-rules": _start(_run_proxy, str(REPO), upstream, False),
             "rules": _start(_run_proxy, str(REPO), upstream, True),
         }
-        times: dict[str, list[float]] = {"direct": [], **{k: [] for k in procs}}
+        ports = {"direct": up_port, **{k: port for k, (_p, port) in procs.items()}}
         try:
-            for _ in range(rounds):  # interleaved: drift on a shared machine hits all alike
-                times["direct"] += latency_c1(up_port, n // rounds, 100, BODY)
-                for name, (_p, port) in procs.items():
-                    times[name] += latency_c1(port, n // rounds, 100, BODY)
+            times = interleaved(ports, n, warmup=300)
         finally:
             for p, _port in [*procs.values(), (_up, 0)]:
                 p.kill()
