@@ -104,7 +104,7 @@ def make_tokenizer(outdir: Path) -> None:
 
 
 def make_model(outdir: Path, seed: int, vocab_size: int, bos: int, eos: int, pad: int,
-               kind: str = "generate") -> None:
+               kind: str = "generate", hidden: int = 256, layers: int = 2) -> None:
     import torch
     from transformers import (
         GenerationConfig,
@@ -116,11 +116,11 @@ def make_model(outdir: Path, seed: int, vocab_size: int, bos: int, eos: int, pad
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=vocab_size,
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=hidden // 64,
         max_position_embeddings=2048,
         bos_token_id=bos,
         eos_token_id=eos,
@@ -136,7 +136,8 @@ def make_model(outdir: Path, seed: int, vocab_size: int, bos: int, eos: int, pad
     model.save_pretrained(str(outdir), safe_serialization=True)
 
 
-def make(outdir: Path, seed: int, kind: str = "generate") -> bool:
+def make(outdir: Path, seed: int, kind: str = "generate", hidden: int = 256,
+         layers: int = 2) -> bool:
     """Make the model in OUTDIR; False when it was already there."""
     if (outdir / "config.json").exists():
         return False
@@ -149,7 +150,7 @@ def make(outdir: Path, seed: int, kind: str = "generate") -> bool:
 
         tok = AutoTokenizer.from_pretrained(str(tmp))
         make_model(tmp, seed, len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id,
-                   kind)
+                   kind, hidden, layers)
         if outdir.exists():  # a leftover without config.json: an interrupted older run
             shutil.rmtree(outdir)
         os.rename(tmp, outdir)
@@ -165,8 +166,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--kind", choices=("generate", "classify"), default="generate",
                         help="classify: a one-label sequence classifier (a pooling model)")
+    # A bigger one for benches where prefill must cost something (bench/prefix_affinity.py).
+    parser.add_argument("--hidden", type=int, default=256, help="a multiple of 64")
+    parser.add_argument("--layers", type=int, default=2)
     ns = parser.parse_args(argv)
-    made = make(ns.outdir, ns.seed, ns.kind)
+    made = make(ns.outdir, ns.seed, ns.kind, ns.hidden, ns.layers)
     print(f"{'made' if made else 'exists'}: {ns.outdir}")
     return 0
 
