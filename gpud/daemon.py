@@ -21,7 +21,7 @@ from typing import Any
 
 from aiohttp import web
 
-from gpud import __version__, dirlock, lastgood
+from gpud import __version__, dirlock, lastgood, upgrade
 from gpud.activity import ActivityLog
 from gpud.config import (
     EMBEDDED_DEFAULT,
@@ -93,7 +93,7 @@ class Daemon:
         # READY=1 went out at start-up: before that, a reload (the watcher's catch-up one)
         # must not tell systemd RELOADING/READY, or it reads the daemon as up before it listens.
         self._announced = False
-        self._clean_stop = False  # set once a stop was asked for (not an error)
+        self._clean_stop = False  # set once a stop was asked for (not an error, not an upgrade's)
         self._bg: dict[str, asyncio.Task[None]] = {}
         self._status_line = ""
         self.proxy: Any = None
@@ -387,6 +387,7 @@ class Daemon:
             signal.SIGHUP, lambda: loop.create_task(self.reload(source="SIGHUP")))
         stack.callback(_remove_signal_handlers)
         await self.kv.start(cfg)
+        upgrade.clear_left_over(self.runtime_dir)
         adopted = await self.reconciler.adopt_engines()
         if adopted:
             log.info("adopted %d running engine(s): %s", len(adopted), ", ".join(adopted))
@@ -421,9 +422,11 @@ class Daemon:
         log.info("gpud %s ready on http://%s (config %s, revision %s)", __version__,
                  cfg.daemon.listen, where, self.loaded.revision)
         await self._stop.wait()
-        self._clean_stop = True
-        log.info("stopping%s", " (engines too)" if self.stop_engines_on_exit
-                 else " (engines keep running; a new gpud adopts them)")
+        kept = upgrade.keeps_engines(self.loaded.config.daemon, self.runtime_dir)
+        self._clean_stop = not kept
+        if not kept:
+            log.info("stopping%s", " (engines too)" if self.stop_engines_on_exit
+                     else " (engines keep running; a new gpud adopts them)")
         self.notifier.stopping()
 
     # --- shutdown steps (the exit stack runs them in reverse order of start) -------------
@@ -450,8 +453,8 @@ class Daemon:
             await asyncio.sleep(self.loaded.config.daemon.tick.total_seconds())
 
     async def _stop_engines(self) -> None:
-        # Only a clean stop stops engines (when asked); after an error they keep serving and
-        # the next gpud adopts them.
+        # Only a clean stop stops engines (when asked), and not an upgrade's (gpud.upgrade);
+        # after an error they keep serving and the next gpud adopts them.
         await self.reconciler.stop_all(self.stop_engines_on_exit and self._clean_stop)
 
 
