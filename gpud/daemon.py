@@ -33,6 +33,7 @@ from gpud.config import (
     reload_effects,
 )
 from gpud.config.load import DEFAULT_PATH
+from gpud.config.schema import DaemonConfig
 from gpud.controls import DaemonControl, DaemonTestHooks
 from gpud.events import EventBus
 from gpud.kvlink import KVLink
@@ -387,7 +388,6 @@ class Daemon:
             signal.SIGHUP, lambda: loop.create_task(self.reload(source="SIGHUP")))
         stack.callback(_remove_signal_handlers)
         await self.kv.start(cfg)
-        upgrade.clear_left_over(self.runtime_dir)
         adopted = await self.reconciler.adopt_engines()
         if adopted:
             log.info("adopted %d running engine(s): %s", len(adopted), ", ".join(adopted))
@@ -422,11 +422,8 @@ class Daemon:
         log.info("gpud %s ready on http://%s (config %s, revision %s)", __version__,
                  cfg.daemon.listen, where, self.loaded.revision)
         await self._stop.wait()
-        kept = upgrade.keeps_engines(self.loaded.config.daemon, self.runtime_dir)
-        self._clean_stop = not kept
-        if not kept:
-            log.info("stopping%s", " (engines too)" if self.stop_engines_on_exit
-                     else " (engines keep running; a new gpud adopts them)")
+        self._clean_stop = _announce_stop(self.loaded.config.daemon, self.runtime_dir,
+                                          self.stop_engines_on_exit)
         self.notifier.stopping()
 
     # --- shutdown steps (the exit stack runs them in reverse order of start) -------------
@@ -456,6 +453,16 @@ class Daemon:
         # Only a clean stop stops engines (when asked), and not an upgrade's (gpud.upgrade);
         # after an error they keep serving and the next gpud adopts them.
         await self.reconciler.stop_all(self.stop_engines_on_exit and self._clean_stop)
+
+
+def _announce_stop(cfg: DaemonConfig, runtime_dir: Path, stop_engines: bool) -> bool:
+    """Log how this clean stop ends; False when it keeps the engines for a package upgrade
+    (gpud.upgrade) although a clean stop takes them."""
+    if upgrade.keeps_engines(cfg, runtime_dir):
+        return False
+    log.info("stopping%s", " (engines too)" if stop_engines
+             else " (engines keep running; a new gpud adopts them)")
+    return True
 
 
 def keyring(config: GpudConfig) -> Any:
@@ -567,6 +574,7 @@ def run_daemon(path: Path | None, *, stop_engines_on_exit: bool | None = None) -
         daemon.fallback = daemon.config_error = fallback
         try:
             with dirlock.hold(daemon.state_dir, daemon.runtime_dir):
+                upgrade.clear_left_over(daemon.runtime_dir)  # ours now: the old gpud is gone
                 return await daemon.serve()
         except dirlock.DirLocked as exc:
             log.error("not starting: %s", exc)
