@@ -21,7 +21,7 @@ from typing import Any
 
 from aiohttp import web
 
-from gpud import __version__, dirlock, lastgood
+from gpud import __version__, dirlock, lastgood, upgrade
 from gpud.activity import ActivityLog
 from gpud.config import (
     EMBEDDED_DEFAULT,
@@ -33,6 +33,7 @@ from gpud.config import (
     reload_effects,
 )
 from gpud.config.load import DEFAULT_PATH
+from gpud.config.schema import DaemonConfig
 from gpud.controls import DaemonControl, DaemonTestHooks
 from gpud.events import EventBus
 from gpud.kvlink import KVLink
@@ -93,7 +94,7 @@ class Daemon:
         # READY=1 went out at start-up: before that, a reload (the watcher's catch-up one)
         # must not tell systemd RELOADING/READY, or it reads the daemon as up before it listens.
         self._announced = False
-        self._clean_stop = False  # set once a stop was asked for (not an error)
+        self._clean_stop = False  # set once a stop was asked for (not an error, not an upgrade's)
         self._bg: dict[str, asyncio.Task[None]] = {}
         self._status_line = ""
         self.proxy: Any = None
@@ -421,9 +422,8 @@ class Daemon:
         log.info("gpud %s ready on http://%s (config %s, revision %s)", __version__,
                  cfg.daemon.listen, where, self.loaded.revision)
         await self._stop.wait()
-        self._clean_stop = True
-        log.info("stopping%s", " (engines too)" if self.stop_engines_on_exit
-                 else " (engines keep running; a new gpud adopts them)")
+        self._clean_stop = _announce_stop(self.loaded.config.daemon, self.runtime_dir,
+                                          self.stop_engines_on_exit)
         self.notifier.stopping()
 
     # --- shutdown steps (the exit stack runs them in reverse order of start) -------------
@@ -450,9 +450,19 @@ class Daemon:
             await asyncio.sleep(self.loaded.config.daemon.tick.total_seconds())
 
     async def _stop_engines(self) -> None:
-        # Only a clean stop stops engines (when asked); after an error they keep serving and
-        # the next gpud adopts them.
+        # Only a clean stop stops engines (when asked), and not an upgrade's (gpud.upgrade);
+        # after an error they keep serving and the next gpud adopts them.
         await self.reconciler.stop_all(self.stop_engines_on_exit and self._clean_stop)
+
+
+def _announce_stop(cfg: DaemonConfig, runtime_dir: Path, stop_engines: bool) -> bool:
+    """Log how this clean stop ends; False when it keeps the engines for a package upgrade
+    (gpud.upgrade) although a clean stop takes them."""
+    if upgrade.keeps_engines(cfg, runtime_dir):
+        return False
+    log.info("stopping%s", " (engines too)" if stop_engines
+             else " (engines keep running; a new gpud adopts them)")
+    return True
 
 
 def keyring(config: GpudConfig) -> Any:
@@ -564,6 +574,7 @@ def run_daemon(path: Path | None, *, stop_engines_on_exit: bool | None = None) -
         daemon.fallback = daemon.config_error = fallback
         try:
             with dirlock.hold(daemon.state_dir, daemon.runtime_dir):
+                upgrade.clear_left_over(daemon.runtime_dir)  # ours now: the old gpud is gone
                 return await daemon.serve()
         except dirlock.DirLocked as exc:
             log.error("not starting: %s", exc)

@@ -95,12 +95,15 @@ class SystemdBox:
         groups: Mapping[str, Iterable[str]] | None = None,
         devices: Iterable[str] = (),
         keep_state: bool = False,
+        root_overlay: bool = False,
     ) -> Iterator[SystemdBox]:
         """Boot, yield the box, always power it off and remove its cgroup.
 
         `users`: system users to exist inside (e.g. "gpud"); `groups`: extra
         groups if missing; `devices`: host /dev node names to recreate in the
-        private /dev (e.g. "nvidiactl", "nvidia0").
+        private /dev (e.g. "nvidiactl", "nvidia0"). `root_overlay`: all of /
+        is a private overlay, so `dpkg -i` inside installs a package for real
+        and its unit (/lib/systemd/system) is the one the manager runs.
         """
         reason = unavailable()
         if reason:
@@ -110,6 +113,8 @@ class SystemdBox:
         try:
             if users or groups:
                 _write_accounts(state, users, groups or {})
+            if root_overlay:
+                (state / "root-overlay").touch()
             dev_list = [d for d in devices if d]
             if dev_list:
                 (state / "devices").write_text("\n".join(dev_list) + "\n")

@@ -58,6 +58,8 @@ class DaemonConfig(Strict):
     admin_token_file: Path | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     stop_engines_on_exit: bool | None = None
+    # The package's upgrade restart leaves the engines running for the new gpud (gpud.upgrade).
+    keep_engines_on_upgrade: bool = True
     gpu_headroom: Size = 1024**3
     kv_idle_after: Short = timedelta(seconds=30)
     # Each engine's log: at most engine_log_files files (MODEL.log, .1, ...) of this size.

@@ -14,9 +14,15 @@
 #   devices         lines "NAME" of host /dev nodes (e.g. nvidia0, nvidiactl)
 #                   recreated in the namespace's private /dev with the same
 #                   major:minor, owner and mode
+#   root-overlay    (present) the whole / is an overlay whose writes go to a
+#                   tmpfs: `dpkg -i` inside installs for real (/opt, /usr,
+#                   /var/lib/dpkg) and the manager also loads units from
+#                   /etc/systemd/system (emptied) and /lib/systemd/system (its
+#                   .wants/.requires removed, so none of the host's units start)
 #
-# /var/lib is a private tmpfs and /etc an overlay inside, so StateDirectory=,
-# ConfigurationDirectory= and files a test puts in /etc never reach the host.
+# /var/lib is a private tmpfs and /etc an overlay inside (or the whole / with
+# root-overlay), so StateDirectory=, ConfigurationDirectory= and files a test
+# puts in /etc never reach the host.
 #
 # Needs root, util-linux (unshare, nsenter), the systemd package (installed,
 # not running), /usr/bin/python3 (console pty relay). Writes only STATE_DIR and
@@ -56,6 +62,7 @@ inner() {
     done < "$state/devices"
   fi
   mount --make-rprivate /
+  [ -e "$state/root-overlay" ] && enter_root_overlay "$state"
   # private /run FIRST: util-linux mount(8) itself writes /run/mount/utab, and
   # the host's /run is not a separate mount here
   mount -n -t tmpfs -o nosuid,nodev,mode=755 tmpfs /run
@@ -104,13 +111,14 @@ inner() {
   # PrivateTmp= creates systemd-private-* dirs in /tmp and /var/tmp; keep the
   # /var/tmp ones in the namespace (/tmp stays shared so STATE_DIR is visible)
   mount -t tmpfs -o nosuid,nodev,mode=1777 tmpfs /var/tmp
-  # StateDirectory= and systemd's own /var/lib/systemd stay in the namespace
-  mount -t tmpfs -o nosuid,nodev,mode=755 tmpfs /var/lib
-
-  # /etc is an overlay: what units and tests write there (ConfigurationDirectory=,
-  # users, /etc/gpud/gpud.toml) lands in STATE/etc-upper, never on the host
-  mkdir -p "$state/etc-upper" "$state/etc-work"
-  mount -t overlay overlay -o "lowerdir=/etc,upperdir=$state/etc-upper,workdir=$state/etc-work" /etc
+  if [ ! -e "$state/root-overlay" ]; then
+    # StateDirectory= and systemd's own /var/lib/systemd stay in the namespace
+    mount -t tmpfs -o nosuid,nodev,mode=755 tmpfs /var/lib
+    # /etc is an overlay: what units and tests write there (ConfigurationDirectory=,
+    # users, /etc/gpud/gpud.toml) lands in STATE/etc-upper, never on the host
+    mkdir -p "$state/etc-upper" "$state/etc-work"
+    mount -t overlay overlay -o "lowerdir=/etc,upperdir=$state/etc-upper,workdir=$state/etc-work" /etc
+  fi
   [ -s "$state/passwd" ] && cat "$state/passwd" > /etc/passwd
   [ -s "$state/group" ] && cat "$state/group" > /etc/group
 
@@ -121,6 +129,33 @@ inner() {
   exec unshare --cgroup -- "$HERE/sdbox.sh" __inner2 "$state"
 }
 
+# root-overlay: pivot into an overlay of / whose upper layer is a tmpfs of this
+# mount ns. /dev, /sys and /tmp (STATE_DIR) stay the host's (below they are
+# replaced or made read-only as without root-overlay); /proc is this pid ns's.
+enter_root_overlay() {
+  local state=$1 rw=$1/rootfs
+  mkdir -p "$rw"
+  mount -t tmpfs -o mode=755 tmpfs "$rw"
+  mkdir "$rw/upper" "$rw/work" "$rw/root"
+  mount -t overlay overlay -o "lowerdir=/,upperdir=$rw/upper,workdir=$rw/work" "$rw/root"
+  local r=$rw/root
+  mount --rbind /dev "$r/dev"
+  mount --rbind /sys "$r/sys"
+  mount --bind /tmp "$r/tmp"     # not --rbind: leaves out $rw itself
+  mount -t proc -o nosuid,nodev,noexec proc "$r/proc"   # umount(8) reads mountinfo
+  mkdir -p "$r/.sdbox-host"
+  cd "$r"
+  pivot_root . .sdbox-host
+  cd /
+  umount -l /.sdbox-host
+  rmdir /.sdbox-host
+  # the host's enabled units never start here; what dpkg enables lands here
+  mount -t tmpfs -o mode=755 tmpfs /etc/systemd/system
+  rm -rf /lib/systemd/system/*.wants /lib/systemd/system/*.requires
+  # the host may forbid service starts (a container's policy-rc.d exit 101)
+  rm -f /usr/sbin/policy-rc.d
+}
+
 # Stage 2: now inside the cgroup namespace rooted at $cg.
 inner2() {
   local state=$1
@@ -128,10 +163,12 @@ inner2() {
   mount -o remount,bind,ro /sys
   mount -t cgroup2 -o nosuid,nodev,noexec cgroup2 /sys/fs/cgroup   # rw, shows ns root
   cd /
+  local units=$state/units
+  [ -e "$state/root-overlay" ] && units=$units:/etc/systemd/system:/lib/systemd/system
   exec env -i \
     container=sdbox \
     PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
-    SYSTEMD_UNIT_PATH="$state/units" \
+    SYSTEMD_UNIT_PATH="$units" \
     SYSTEMD_GENERATOR_PATH="$state/empty" \
     SYSTEMD_ENVIRONMENT_GENERATOR_PATH="$state/empty" \
     "$SYSTEMD_BIN" --system --unit=e2e.target \
