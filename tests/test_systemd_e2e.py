@@ -120,7 +120,7 @@ def _dropin(port: int) -> str:
 ExecStart=
 ExecStart={GPUD} run
 ExecReload=
-ExecReload={GPUD} reload --wait
+ExecReload={GPUD} reload
 # the venvs' interpreter lives under /root (pyenv): show only that, read-only
 ProtectHome=tmpfs
 BindReadOnlyPaths={base}

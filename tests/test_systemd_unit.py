@@ -52,7 +52,7 @@ def test_unit_says_what_the_issue_asks() -> None:
     for key, value in {
         "Type": "notify",
         "ExecStart": "/usr/bin/gpud run",
-        "ExecReload": "/usr/bin/gpud reload --wait",
+        "ExecReload": "/usr/bin/gpud reload",
         "WatchdogSec": "30",
         "Restart": "on-failure",
         "KillMode": "process",
@@ -182,7 +182,7 @@ def standin(box: SystemdBox) -> Iterator[SystemdBox]:
     exe = f"{sys.executable} -u {STANDIN}"
     text = _unit_with("/usr/bin/gpud").replace("ExecStart=/usr/bin/gpud run", f"ExecStart={exe}")
     text = text.replace(
-        "ExecReload=/usr/bin/gpud reload --wait", "ExecReload=/bin/kill -HUP $MAINPID"
+        "ExecReload=/usr/bin/gpud reload", "ExecReload=/bin/kill -HUP $MAINPID"
     )
     box.write("/etc/gpud/gpud.toml", "# as shipped by the package\n")
     box.install_unit("gpud.service", text, {"test.conf": _standin_dropin()})
