@@ -54,7 +54,7 @@ def test_activity_tab_lists_the_requests(box: Box, browser: Any) -> None:  # noq
     texts = [page.locator(f'table.activity tr[data-id="{r["id"]}"]').inner_text()
              for r in newest]
     assert sum(f"chat ({CHAT_ALIAS})" in t for t in texts) == 3
-    assert all("/v1/completions" in t and "200" in t for t in texts)
+    assert all("/v1/completions" in t and "200" in t for t in texts), (texts, newest)
     page.screenshot(path=str(ARTIFACTS / "page-activity.png"), full_page=True)
 
     # a new request shows up without a reload (the tab polls the API)

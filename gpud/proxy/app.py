@@ -32,7 +32,7 @@ from .forms import StreamedBody, form_route
 from .keepalive import HeldStream, end_in_band, keep_alive, wants_stream
 from .limits import ModelGate, QueueFull
 from .paths import FORM_PATHS, INFERENCE_PATHS, unknown_path
-from .relay import ALIAS, MARKS, SSE, TAIL, ModelRename, drop, mark, relay
+from .relay import ALIAS, MARKS, RELAYED, SSE, TAIL, ModelRename, drop, mark, relay
 from .routing import rename_request, request_headers, route_for
 from .upstream import UpstreamClient, UpstreamError, UpstreamResponse
 
@@ -226,10 +226,13 @@ class Proxy:
         except Reject as r:
             resp, ttft = r.response, None
         except asyncio.CancelledError:
-            if observer is not None:  # 499: the client closed the request (nginx's code)
-                observer.request_done(model, path, 499, time.perf_counter() - t0, None)
-            self._record(marks, 499)
-            self._finished(request, None, path, model, key, asked, 499, t0, None)
+            # 499: the client closed the request (nginx's code), unless it had its whole answer
+            whole, ttft = request.get(RELAYED, (None, None))
+            status = 499 if whole is None else whole.status
+            if observer is not None:
+                observer.request_done(model, path, status, time.perf_counter() - t0, ttft)
+            self._record(marks, status)
+            self._finished(request, whole, path, model, key, asked, status, t0, ttft)
             raise
         finally:
             if task is not None:

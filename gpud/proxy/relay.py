@@ -30,6 +30,10 @@ SSE: Final = "text/event-stream"
 MARKS = web.RequestKey("gpud_timing_marks", dict)
 # The last two chunks of a streamed answer (its `usage`, if sent), for the activity log.
 TAIL = web.RequestKey("gpud_stream_tail", bytes)
+# A stream relayed to its end: (the response, seconds to its first chunk). A client that
+# closes once it has read the end (`data: [DONE]`) can do so while the last bytes drain:
+# the request was answered, not abandoned (499).
+RELAYED = web.RequestKey("gpud_stream_relayed", tuple)
 
 
 def mark(request: web.Request, name: str) -> None:
@@ -180,9 +184,10 @@ async def stream(
                 mark(request, "first_chunk_written_ms")
             else:
                 await resp.write(chunk)  # waits for the client to drain: backpressure
+        request[TAIL] = prev[-2048:] + last[-2048:]
+        request[RELAYED] = (resp, ttft)
         if rename is not None and (chunk := rename.rest()):
             await resp.write(chunk)
-        request[TAIL] = prev[-2048:] + last[-2048:]
     except UpstreamError as e:
         await _broken_in_band(resp, route, e)
     except ConnectionResetError:
