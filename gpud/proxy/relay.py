@@ -31,9 +31,11 @@ MARKS = web.RequestKey("gpud_timing_marks", dict)
 # The last two chunks of a streamed answer (its `usage`, if sent), for the activity log.
 TAIL = web.RequestKey("gpud_stream_tail", bytes)
 # A stream relayed to its end: (the response, seconds to its first chunk). A client that
-# closes once it has read the end (`data: [DONE]`) can do so while the last bytes drain:
-# the request was answered, not abandoned (499).
+# closes once it has read the end (`data: [DONE]`) can do so before the engine's socket
+# ends or while the last bytes drain: the request was answered, not abandoned (499).
 RELAYED = web.RequestKey("gpud_stream_relayed", tuple)
+_ENDS = b"data: [DONE]"  # an OpenAI stream's last event
+_ENDS_MESSAGES = b"message_stop"  # an Anthropic Messages stream's
 
 
 def mark(request: web.Request, name: str) -> None:
@@ -184,6 +186,11 @@ async def stream(
                 mark(request, "first_chunk_written_ms")
             else:
                 await resp.write(chunk)  # waits for the client to drain: backpressure
+            if _ENDS in chunk[-40:] or _ENDS_MESSAGES in chunk[-80:]:
+                # The client has the whole answer and may hang up before the engine's
+                # socket ends (the openai client does): answered, not abandoned.
+                request[TAIL] = prev[-2048:] + last[-2048:]
+                request[RELAYED] = (resp, ttft)
         request[TAIL] = prev[-2048:] + last[-2048:]
         request[RELAYED] = (resp, ttft)
         if rename is not None and (chunk := rename.rest()):
